@@ -1,0 +1,1 @@
+//! Side-by-side benchmarks of Basalt against the baselines (fio, tgt, nbdkit, ...).

@@ -1,0 +1,193 @@
+//! Block devices: the one abstraction every Basalt storage layer stands on.
+//!
+//! A [`BlockDev`] is a byte-addressed array of logical blocks with reads and writes in
+//! whole blocks, flush, discard, write-zeroes, an atomic compare-and-write, and a
+//! [`Geometry`]. Disks, arrays, LUNs and remote LUNs all implement it, so each layer
+//! stacks on the one below (SPDK's bdev model) and every test can wrap any of them in
+//! the fault injector.
+//!
+//! Buffers are owned ([`bytes::Bytes`]) rather than borrowed: an io_uring request keeps
+//! its buffer until the kernel completes it, even if the caller's future is dropped, so a
+//! borrowed slice would not be sound. Backends that need aligned memory (O_DIRECT) get
+//! it from [`AlignedBuf`] and copy only when a caller hands them unaligned bytes.
+
+#![deny(missing_docs)]
+
+mod buf;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
+mod error;
+pub mod fault;
+mod geometry;
+pub mod memory;
+pub mod metered;
+mod range_lock;
+mod rng;
+mod stats;
+pub mod uring;
+
+pub use buf::AlignedBuf;
+pub use error::{BlockError, Result};
+pub use fault::FaultDev;
+pub use geometry::{Capabilities, Geometry};
+pub use memory::MemDev;
+pub use metered::{Metered, MeteredDev};
+pub use range_lock::{OwnedRangeGuard, RangeGuard, RangeLocks};
+pub use stats::{IoKind, IoStats, IoStatsSnapshot, KindSnapshot, LATENCY_BUCKETS_SECONDS};
+pub use uring::{DirectMode, OpenError, UringFile, UringOptions};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Options of a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force Unit Access: the write is durable when it completes, without a flush.
+    pub fua: bool,
+}
+
+/// Options of a write-zeroes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The device may deallocate the range instead of writing zeroes (SCSI WRITE SAME
+    /// with UNMAP, NBD WRITE_ZEROES without NO_HOLE). Reads return zeroes either way.
+    pub may_unmap: bool,
+    /// Fail with [`BlockError::Unsupported`] rather than fall back to writing zero
+    /// buffers when the device has no fast way to zero (NBD FAST_ZERO).
+    pub fast_only: bool,
+}
+
+/// The result of [`BlockDev::compare_and_write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareOutcome {
+    /// The range matched and the new data was written.
+    Written,
+    /// The range differed; nothing was written. `offset` is the byte offset, from the
+    /// start of the compared range, of the first byte that differs (SCSI reports it in
+    /// the sense data's INFORMATION field).
+    Miscompare {
+        /// Byte offset of the first difference within the compared range.
+        offset: u64,
+    },
+}
+
+/// A block device.
+///
+/// Contracts every implementation keeps (the conformance suite in
+/// [`conformance`] checks them):
+/// - `offset` and every length are multiples of [`Geometry::block_size`] and the range
+///   lies inside the device; otherwise the call fails with
+///   [`BlockError::Misaligned`] or [`BlockError::OutOfRange`] and touches nothing.
+/// - A read returns exactly `len` bytes. Blocks never written, discarded or zeroed read
+///   back as zeroes when [`Capabilities::discard_zeroes`] is set.
+/// - A write that completes is visible to every later read; it is durable after a
+///   later [`flush`](BlockDev::flush) completes, or at once with [`WriteFlags::fua`].
+/// - `compare_and_write` is atomic against every other I/O on the same device object.
+/// - Methods take `&self` and may be called concurrently; there is no ordering between
+///   concurrent requests, as with a real disk's queue.
+#[async_trait]
+pub trait BlockDev: Send + Sync + 'static {
+    /// Size, block size and capabilities. Constant for the life of the object unless the
+    /// device is resized, in which case the new geometry is returned from then on.
+    fn geometry(&self) -> Geometry;
+
+    /// Reads `len` bytes at `offset`.
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes>;
+
+    /// Writes `data` at `offset`.
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()>;
+
+    /// Makes every completed write durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// Tells the device the range's contents are no longer needed. Afterwards the range
+    /// reads as zeroes if [`Capabilities::discard_zeroes`] is set, otherwise as
+    /// unspecified (but stable) data. Fails with [`BlockError::Unsupported`] when
+    /// [`Capabilities::discard`] is not set.
+    async fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes the range read as zeroes.
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
+
+    /// Atomically: reads the range `[offset, offset + compare.len())`, and if it equals
+    /// `compare`, writes `data` (of the same length) there.
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        flags: WriteFlags,
+    ) -> Result<CompareOutcome>;
+}
+
+/// A shared, type-erased block device, the form in which layers hold the layer below.
+pub type SharedBlockDev = Arc<dyn BlockDev>;
+
+/// An `Arc` of a device is a device, so wrappers generic over `D: BlockDev` (such as
+/// [`Metered`]) also take a [`SharedBlockDev`].
+#[async_trait]
+impl<T: BlockDev + ?Sized> BlockDev for Arc<T> {
+    fn geometry(&self) -> Geometry {
+        (**self).geometry()
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        (**self).read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        (**self).write(offset, data, flags).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        (**self).flush().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).discard(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        (**self).write_zeroes(offset, len, flags).await
+    }
+
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        flags: WriteFlags,
+    ) -> Result<CompareOutcome> {
+        (**self)
+            .compare_and_write(offset, compare, data, flags)
+            .await
+    }
+}
+
+/// Checks that `[offset, offset + len)` is block-aligned and inside a device of
+/// `geometry`. Every backend calls this first, so the error is the same everywhere.
+pub fn check_range(geometry: &Geometry, offset: u64, len: u64) -> Result<()> {
+    let bs = u64::from(geometry.block_size);
+    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+        return Err(BlockError::Misaligned {
+            offset,
+            len,
+            block_size: geometry.block_size,
+        });
+    }
+    let capacity = geometry.capacity_bytes();
+    match offset.checked_add(len) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(BlockError::OutOfRange {
+            offset,
+            len,
+            capacity,
+        }),
+    }
+}
+
+/// Returns the offset of the first byte where `a` and `b` differ, if any.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
+    a.iter().zip(b).position(|(x, y)| x != y).map(|p| p as u64)
+}

@@ -1,0 +1,882 @@
+//! [`UringFile`]: opening, geometry, and the `BlockDev` operations.
+
+use super::driver::{Completion, Driver, DriverGone, DriverStats, Op, WriteBuf};
+use super::{sys, DirectMode, OpenError, UringOptions};
+use crate::{
+    check_range, first_difference, AlignedBuf, BlockDev, BlockError, Capabilities, CompareOutcome,
+    Geometry, OwnedRangeGuard, RangeLocks, Result, WriteFlags, ZeroFlags,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// Size of the zero buffer that write-zeroes falls back to.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// A regular file or a block device, read and written through io_uring.
+/// See the [module docs](super).
+pub struct UringFile {
+    path: PathBuf,
+    driver: Driver,
+    geometry: Geometry,
+    direct: bool,
+    /// Writes from buffers at addresses with this alignment go to the kernel as they are.
+    mem_align: usize,
+    block_device: Option<(u64, u64)>,
+    serial: Option<String>,
+    queue_depth: u32,
+    locks: RangeLocks,
+}
+
+impl UringFile {
+    /// Opens `path`, a regular file or a block device. Blocking (a few system calls and
+    /// sysfs reads): from async code use [`UringFile::open_async`].
+    pub fn open(path: &Path, options: &UringOptions) -> Result<UringFile, OpenError> {
+        if !(1..=4096).contains(&options.queue_depth) {
+            return Err(OpenError::InvalidOption {
+                path: path.to_path_buf(),
+                what: format!("queue depth {} is not in 1..=4096", options.queue_depth),
+            });
+        }
+        let meta = std::fs::metadata(path).map_err(|e| OpenError::from_io(path, "stat", e))?;
+        let ft = meta.file_type();
+        let block_device = if ft.is_block_device() {
+            Some(sys::major_minor(meta.rdev()))
+        } else if ft.is_file() {
+            None
+        } else {
+            let kind = if ft.is_dir() {
+                "directory"
+            } else if ft.is_char_device() {
+                "character device"
+            } else if ft.is_fifo() {
+                "FIFO"
+            } else if ft.is_socket() {
+                "socket"
+            } else {
+                "special file"
+            };
+            return Err(OpenError::NotFileOrBlockDevice {
+                path: path.to_path_buf(),
+                kind,
+            });
+        };
+
+        // Open and learn the geometry buffered first: the block size decides whether
+        // O_DIRECT can work at all.
+        let probe_file = open_file(path, options.read_only, false)?;
+        let (size, block_size, physical, caps, optimal) = match block_device {
+            Some((major, minor)) => {
+                let io = |op| move |e| OpenError::from_io(path, op, e);
+                let logical = sys::logical_block_size(&probe_file).map_err(io("BLKSSZGET"))?;
+                let physical = sys::physical_block_size(&probe_file).map_err(io("BLKPBSZGET"))?;
+                let size = sys::block_device_size(&probe_file).map_err(io("BLKGETSIZE64"))?;
+                let bs = options.block_size.unwrap_or(logical);
+                check_block_size(path, bs)?;
+                if !bs.is_multiple_of(logical) {
+                    return Err(OpenError::InvalidOption {
+                        path: path.to_path_buf(),
+                        what: format!(
+                            "block size {bs} is not a multiple of the device's {logical}-byte sectors"
+                        ),
+                    });
+                }
+                let attr = |name| sys::queue_attr(major, minor, name);
+                let number = |name| attr(name).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+                // Punching a hole in a block device is a write-zeroes that may unmap and
+                // never falls back to writing zeroes: it needs device support.
+                let zeroes = number("write_zeroes_max_bytes") > 0;
+                let caps = Capabilities {
+                    discard: zeroes,
+                    discard_zeroes: zeroes,
+                    fast_zeroes: zeroes,
+                    volatile_cache: attr("write_cache").is_none_or(|s| s.contains("back")),
+                    read_only: options.read_only,
+                };
+                let optimal = u32::try_from(number("optimal_io_size")).unwrap_or(0);
+                (size, bs, physical.max(bs), caps, optimal)
+            }
+            None => {
+                let bs = options.block_size.unwrap_or(512);
+                check_block_size(path, bs)?;
+                let caps = Capabilities {
+                    discard: true,
+                    discard_zeroes: true,
+                    fast_zeroes: true,
+                    volatile_cache: true,
+                    read_only: options.read_only,
+                };
+                (meta.len(), bs, bs.max(4096), caps, 0)
+            }
+        };
+        if size == 0 {
+            return Err(OpenError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        if size % u64::from(block_size) != 0 {
+            return Err(OpenError::SizeNotMultiple {
+                path: path.to_path_buf(),
+                size,
+                block_size,
+            });
+        }
+
+        let (file, direct, mem_align) = match options.direct {
+            DirectMode::Off => (probe_file, false, 1),
+            mode => match open_direct(path, options.read_only, block_size) {
+                Ok((file, mem_align)) => (file, true, mem_align),
+                // The file system refused: fall back to the page cache.
+                Err(_) if mode == DirectMode::Auto => (probe_file, false, 1),
+                Err(source) => {
+                    return Err(OpenError::DirectUnsupported {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            },
+        };
+        let file = Arc::new(file);
+        let name = format!(
+            "uring-{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+        // Thread names are limited to 15 bytes by the kernel.
+        let name: String = name.chars().take(15).collect();
+        let driver = Driver::start(
+            file,
+            options.queue_depth,
+            options.max_submit_batch as usize,
+            name,
+        )
+        .map_err(|source| OpenError::Uring {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let serial = block_device.and_then(|(major, minor)| sys::serial(major, minor));
+        Ok(UringFile {
+            path: path.to_path_buf(),
+            driver,
+            geometry: Geometry {
+                block_size,
+                physical_block_size: physical,
+                blocks: size / u64::from(block_size),
+                optimal_io_size: optimal,
+                max_io_bytes: 0,
+                capabilities: caps,
+            },
+            direct,
+            mem_align,
+            block_device,
+            serial,
+            queue_depth: options.queue_depth,
+            locks: RangeLocks::default(),
+        })
+    }
+
+    /// [`UringFile::open`] on tokio's blocking pool.
+    pub async fn open_async(path: PathBuf, options: UringOptions) -> Result<UringFile, OpenError> {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || UringFile::open(&p, &options))
+            .await
+            .unwrap_or_else(|e| {
+                Err(OpenError::Io {
+                    path,
+                    op: "open",
+                    source: io::Error::other(e.to_string()),
+                })
+            })
+    }
+
+    /// The path it was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True when I/O bypasses the page cache (O_DIRECT).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// True for a block device, false for a regular file.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device.is_some()
+    }
+
+    /// The serial number (or WWID) of a block device from sysfs, if it has one.
+    pub fn serial(&self) -> Option<String> {
+        self.serial.clone()
+    }
+
+    /// The queue depth it was opened with.
+    pub fn queue_depth(&self) -> u32 {
+        self.queue_depth
+    }
+
+    /// Counters of the driver thread.
+    pub fn driver_stats(&self) -> DriverStats {
+        self.driver.stats()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.geometry.capabilities.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    async fn run(&self, op: Op, guard: Option<OwnedRangeGuard>) -> Result<Completion> {
+        self.driver
+            .run(op, guard)
+            .await
+            .map_err(|DriverGone| self.offline())
+    }
+
+    fn offline(&self) -> BlockError {
+        BlockError::Offline(format!(
+            "{}: the io_uring driver thread has stopped",
+            self.path.display()
+        ))
+    }
+
+    async fn read_unlocked(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let buf = AlignedBuf::zeroed(len);
+        let c = self.run(Op::Read { buf, offset }, None).await?;
+        c.result
+            .map_err(|e| BlockError::io("read", offset, len as u64, e))?;
+        match c.op {
+            Op::Read { buf, .. } => Ok(buf.freeze()),
+            _ => Err(BlockError::InvalidRequest(
+                "driver returned another op".into(),
+            )),
+        }
+    }
+
+    async fn write_locked(
+        &self,
+        offset: u64,
+        data: Bytes,
+        flags: WriteFlags,
+        guard: OwnedRangeGuard,
+    ) -> Result<()> {
+        let len = data.len() as u64;
+        let buf = if self.direct && !AlignedBuf::is_aligned(&data, self.mem_align) {
+            WriteBuf::Bounce(AlignedBuf::copy_from(&data))
+        } else {
+            WriteBuf::Shared(data)
+        };
+        let rw_flags = if flags.fua { libc::RWF_DSYNC } else { 0 };
+        let op = Op::Write {
+            buf,
+            offset,
+            rw_flags,
+        };
+        self.run(op, Some(guard))
+            .await?
+            .result
+            .map_err(|e| BlockError::io("write", offset, len, e))
+    }
+
+    async fn fallocate(&self, op: &'static str, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let guard = self.locks.shared_owned(offset, len).await;
+        let op_ = Op::Fallocate { offset, len, mode };
+        self.run(op_, Some(guard))
+            .await?
+            .result
+            .map_err(|e| BlockError::io(op, offset, len, e))
+    }
+
+    /// Write-zeroes the slow way: writes of a shared zero buffer.
+    async fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
+        static ZEROES: OnceLock<Bytes> = OnceLock::new();
+        let zeroes = ZEROES.get_or_init(|| AlignedBuf::zeroed(ZERO_CHUNK).freeze());
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(ZERO_CHUNK as u64);
+            let guard = self.locks.shared_owned(at, n).await;
+            let data = zeroes.slice(..n as usize);
+            self.write_locked(at, data, WriteFlags::default(), guard)
+                .await?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+fn check_block_size(path: &Path, bs: u32) -> Result<(), OpenError> {
+    if bs.is_power_of_two() && (512..=65536).contains(&bs) {
+        return Ok(());
+    }
+    Err(OpenError::InvalidOption {
+        path: path.to_path_buf(),
+        what: format!("block size {bs} is not a power of two from 512 to 65536"),
+    })
+}
+
+fn open_file(path: &Path, read_only: bool, direct: bool) -> Result<File, OpenError> {
+    open_raw(path, read_only, direct).map_err(|e| OpenError::from_io(path, "open", e))
+}
+
+fn open_raw(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(!read_only);
+    o.custom_flags(libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 });
+    o.open(path)
+}
+
+/// Opens with O_DIRECT and proves it works at `block_size` with one aligned read;
+/// returns the file and the memory alignment direct I/O needs.
+fn open_direct(path: &Path, read_only: bool, block_size: u32) -> io::Result<(File, usize)> {
+    let file = open_raw(path, read_only, true)?;
+    let mut mem_align = AlignedBuf::ALIGN;
+    if let Some((mem, offset)) = sys::dio_alignment(&file) {
+        if offset > block_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("direct I/O needs {offset}-byte alignment, the block size is {block_size}"),
+            ));
+        }
+        if mem > 0 && (mem as usize) <= AlignedBuf::ALIGN {
+            mem_align = mem as usize;
+        }
+    }
+    let mut buf = AlignedBuf::zeroed(block_size as usize);
+    sys::pread(&file, buf.as_mut_slice(), 0)?;
+    Ok((file, mem_align))
+}
+
+#[async_trait]
+impl BlockDev for UringFile {
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        check_range(&self.geometry, offset, len as u64)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let _range = self.locks.shared(offset, len as u64).await;
+        self.read_unlocked(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        let len = data.len() as u64;
+        check_range(&self.geometry, offset, len)?;
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let guard = self.locks.shared_owned(offset, len).await;
+        self.write_locked(offset, data, flags, guard).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.geometry.capabilities.read_only {
+            return Ok(());
+        }
+        self.run(Op::Fsync, None)
+            .await?
+            .result
+            .map_err(|e| BlockError::io("flush", 0, 0, e))
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(&self.geometry, offset, len)?;
+        self.check_writable()?;
+        if !self.geometry.capabilities.discard {
+            return Err(BlockError::Unsupported("discard"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        self.fallocate("discard", offset, len, mode).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        check_range(&self.geometry, offset, len)?;
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let caps = self.geometry.capabilities;
+        if flags.fast_only && !caps.fast_zeroes {
+            return Err(BlockError::Unsupported("fast write-zeroes"));
+        }
+        let mode = if flags.may_unmap && caps.discard {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate("write_zeroes", offset, len, mode).await {
+            Err(BlockError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                if flags.fast_only {
+                    return Err(BlockError::Unsupported("fast write-zeroes"));
+                }
+                self.write_zero_buffers(offset, len).await
+            }
+            other => other,
+        }
+    }
+
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        flags: WriteFlags,
+    ) -> Result<CompareOutcome> {
+        if compare.len() != data.len() {
+            return Err(BlockError::InvalidRequest(format!(
+                "compare-and-write buffers differ in length: {} and {}",
+                compare.len(),
+                data.len()
+            )));
+        }
+        let len = data.len() as u64;
+        check_range(&self.geometry, offset, len)?;
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(CompareOutcome::Written);
+        }
+        // Exclusive until the write completes in the kernel: the guard travels with the
+        // write request.
+        let guard = self.locks.exclusive_owned(offset, len).await;
+        let current = self.read_unlocked(offset, data.len()).await?;
+        if let Some(at) = first_difference(&current, &compare) {
+            return Ok(CompareOutcome::Miscompare { offset: at });
+        }
+        self.write_locked(offset, data, flags, guard).await?;
+        Ok(CompareOutcome::Written)
+    }
+}
+
+impl std::fmt::Debug for UringFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringFile")
+            .field("path", &self.path)
+            .field("geometry", &self.geometry)
+            .field("direct", &self.direct)
+            .field("block_device", &self.block_device.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::create_sparse_file;
+    use super::*;
+    use crate::conformance::{self, assert_reads, pattern};
+    use crate::SharedBlockDev;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    const SIZE: u64 = 32 << 20;
+
+    fn opts(direct: DirectMode, block_size: u32) -> UringOptions {
+        UringOptions {
+            direct,
+            block_size: Some(block_size),
+            ..UringOptions::default()
+        }
+    }
+
+    async fn run_conformance(name: &str, direct: DirectMode, block_size: u32) {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicU32::new(0);
+        conformance::run(name, || async {
+            let path = dir
+                .path()
+                .join(format!("dev{}", n.fetch_add(1, Ordering::Relaxed)));
+            create_sparse_file(&path, SIZE).unwrap();
+            let f = UringFile::open(&path, &opts(direct, block_size)).unwrap();
+            if direct == DirectMode::Require {
+                assert!(f.is_direct());
+            }
+            if direct == DirectMode::Off {
+                assert!(!f.is_direct());
+            }
+            Arc::new(f) as SharedBlockDev
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_file_direct_512() {
+        run_conformance("UringFile/direct/512", DirectMode::Require, 512).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_file_direct_4096() {
+        run_conformance("UringFile/direct/4096", DirectMode::Require, 4096).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_file_buffered() {
+        run_conformance("UringFile/buffered/512", DirectMode::Off, 512).await;
+    }
+
+    /// A loop device over a sparse file: a real block device path (ioctls, sysfs,
+    /// fallocate on a block device). Needs root and loop devices; skipped otherwise.
+    struct Loop {
+        dev: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Loop {
+        fn attach(size: u64) -> Option<Loop> {
+            let dir = tempfile::tempdir().ok()?;
+            let backing = dir.path().join("backing");
+            create_sparse_file(&backing, size).ok()?;
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show", "--direct-io=on"])
+                .arg(&backing)
+                .output()
+                .ok()?;
+            if !out.status.success() {
+                println!(
+                    "NOTE: losetup failed ({}); skipping the block device test",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                return None;
+            }
+            let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            Some(Loop { dev, _dir: dir })
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .status();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_loop_block_device() {
+        // One loop device for the whole suite (attaching is slow); each check gets a
+        // zeroed device by discarding it all first.
+        let Some(lo) = Loop::attach(SIZE) else {
+            println!("NOTE: no loop device available; skipping the block device test");
+            return;
+        };
+        let path = lo.dev.clone();
+        let first = UringFile::open(&path, &UringOptions::default()).unwrap();
+        assert!(first.is_block_device());
+        assert_eq!(first.geometry().capacity_bytes(), SIZE);
+        println!(
+            "loop device {}: {:?}, direct {}",
+            path.display(),
+            first.geometry(),
+            first.is_direct()
+        );
+        drop(first);
+        conformance::run("UringFile/loop", || async {
+            let f = UringFile::open(&path, &UringOptions::default()).unwrap();
+            f.write_zeroes(0, SIZE, ZeroFlags::default()).await.unwrap();
+            Arc::new(f) as SharedBlockDev
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn open_errors_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let e = UringFile::open(&missing, &UringOptions::default()).unwrap_err();
+        assert!(matches!(e, OpenError::NotFound { .. }), "{e}");
+        assert!(e.to_string().contains("missing"), "{e}");
+
+        let e = UringFile::open(dir.path(), &UringOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OpenError::NotFileOrBlockDevice {
+                    kind: "directory",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        let odd = dir.path().join("odd");
+        create_sparse_file(&odd, 4096 + 100).unwrap();
+        let e = UringFile::open(&odd, &UringOptions::default()).unwrap_err();
+        assert!(
+            matches!(e, OpenError::SizeNotMultiple { size: 4196, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("odd"), "{e}");
+
+        let small = dir.path().join("small");
+        create_sparse_file(&small, 512 * 3).unwrap();
+        let e = UringFile::open(&small, &opts(DirectMode::Auto, 4096)).unwrap_err();
+        assert!(matches!(e, OpenError::SizeNotMultiple { .. }), "{e}");
+        let e = UringFile::open(&small, &opts(DirectMode::Auto, 1000)).unwrap_err();
+        assert!(matches!(e, OpenError::InvalidOption { .. }), "{e}");
+
+        let empty = dir.path().join("empty");
+        create_sparse_file(&empty, 0).unwrap();
+        let e = UringFile::open(&empty, &UringOptions::default()).unwrap_err();
+        assert!(matches!(e, OpenError::Empty { .. }), "{e}");
+
+        let e = UringFile::open(
+            &std::path::PathBuf::from("/dev/null"),
+            &UringOptions::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OpenError::NotFileOrBlockDevice {
+                    kind: "character device",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+
+        // Permission: only meaningful when not root (root bypasses file modes).
+        // SAFETY: plain system call.
+        if unsafe { libc::geteuid() } != 0 {
+            use std::os::unix::fs::PermissionsExt;
+            let locked = dir.path().join("locked");
+            create_sparse_file(&locked, 4096).unwrap();
+            std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+            let e = UringFile::open(&locked, &UringOptions::default()).unwrap_err();
+            assert!(matches!(e, OpenError::PermissionDenied { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn create_sparse_file_refuses_overwrite_and_missing_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        create_sparse_file(&p, 1 << 30).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 30);
+        // Sparse: almost nothing allocated.
+        assert!(std::fs::metadata(&p).unwrap().blocks() < 64);
+        let e = create_sparse_file(&p, 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(e.to_string().contains("overwrite"), "{e}");
+        let e = create_sparse_file(&dir.path().join("no/such/dir/f"), 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("parent"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn read_only_rejects_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ro");
+        create_sparse_file(&p, 1 << 20).unwrap();
+        let o = UringOptions {
+            read_only: true,
+            ..UringOptions::default()
+        };
+        let f = UringFile::open(&p, &o).unwrap();
+        assert!(f.geometry().capabilities.read_only);
+        let r = f.write(0, pattern(1, 512), WriteFlags::default()).await;
+        assert!(matches!(r, Err(BlockError::ReadOnly)), "{r:?}");
+        assert!(matches!(f.discard(0, 512).await, Err(BlockError::ReadOnly)));
+        assert_reads(&f, 0, &[0; 512], "read-only read").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_survives_reopen_and_discard_punches_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d");
+        create_sparse_file(&p, 8 << 20).unwrap();
+        let data = pattern(5, 4 << 20);
+        {
+            let f = UringFile::open(&p, &UringOptions::default()).unwrap();
+            f.write(0, data.clone(), WriteFlags::default())
+                .await
+                .unwrap();
+            f.flush().await.unwrap();
+        }
+        let allocated = std::fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(allocated >= 4 << 20, "{allocated}");
+        let f = UringFile::open(&p, &UringOptions::default()).unwrap();
+        assert_reads(&f, 0, &data, "after reopen").await;
+        f.discard(0, 4 << 20).await.unwrap();
+        f.flush().await.unwrap();
+        let allocated = std::fs::metadata(&p).unwrap().blocks() * 512;
+        assert!(
+            allocated < 1 << 20,
+            "hole not punched: {allocated} bytes allocated"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_depth_one_still_serves_many() {
+        // More requests than the queue depth wait in the queue rather than fail.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("qd1");
+        create_sparse_file(&p, 1 << 20).unwrap();
+        let o = UringOptions {
+            queue_depth: 1,
+            ..UringOptions::default()
+        };
+        let f = Arc::new(UringFile::open(&p, &o).unwrap());
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..64u64 {
+            let f = f.clone();
+            set.spawn(async move {
+                f.write(i * 512, pattern(i, 512), WriteFlags::default())
+                    .await
+                    .unwrap();
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+        for i in 0..64u64 {
+            assert_reads(&*f, i * 512, &pattern(i, 512), "qd1").await;
+        }
+        let s = f.driver_stats();
+        assert!(s.requests >= 128, "{s:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_futures_and_the_file_is_safe() {
+        // Futures dropped while their requests are in the kernel, then the file dropped
+        // with requests in flight: buffers stay alive until completion and the driver
+        // thread exits; a fresh open sees a consistent file.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("drop");
+        create_sparse_file(&p, 8 << 20).unwrap();
+        for _ in 0..5 {
+            let f = Arc::new(UringFile::open(&p, &UringOptions::default()).unwrap());
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..32u64 {
+                let f = f.clone();
+                set.spawn(async move {
+                    let _ = f
+                        .write(i * 65536, pattern(i, 65536), WriteFlags::default())
+                        .await;
+                    let _ = f.read(i * 65536, 65536).await;
+                });
+            }
+            tokio::task::yield_now().await;
+            set.abort_all();
+            drop(set);
+            drop(f);
+        }
+        let f = UringFile::open(&p, &UringOptions::default()).unwrap();
+        f.read(0, 8 << 20).await.unwrap();
+    }
+
+    async fn burst(f: &Arc<UringFile>, seed: u64) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..64u64 {
+            let f = f.clone();
+            set.spawn(async move {
+                let data = pattern(seed + i, 4096);
+                f.write(i * 4096, data.clone(), WriteFlags::default())
+                    .await
+                    .unwrap();
+                assert_eq!(f.read(i * 4096, 4096).await.unwrap(), data);
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    }
+
+    #[test]
+    fn completions_arrive_whatever_runtime_opened_the_file() {
+        // Completions normally travel through a relay task on the runtime that opened
+        // the file. Pins: a file opened on a runtime that is then shut down, and files
+        // opened on a current-thread runtime or outside any runtime, still complete.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rt");
+        create_sparse_file(&p, 1 << 20).unwrap();
+        let multi = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let rt1 = multi();
+        let f = Arc::new(
+            rt1.block_on(async { UringFile::open(&p, &UringOptions::default()) })
+                .unwrap(),
+        );
+        rt1.block_on(burst(&f, 0));
+        drop(rt1);
+        let rt2 = multi();
+        rt2.block_on(burst(&f, 100));
+
+        let current = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let g = Arc::new(
+            current
+                .block_on(async { UringFile::open(&p, &UringOptions::default()) })
+                .unwrap(),
+        );
+        rt2.block_on(burst(&g, 200));
+
+        let h = Arc::new(UringFile::open(&p, &UringOptions::default()).unwrap());
+        rt2.block_on(burst(&h, 300));
+        assert!(h.driver_stats().relayed_batches == 0);
+    }
+
+    #[tokio::test]
+    async fn auto_falls_back_when_o_direct_is_refused() {
+        // /dev/shm is tmpfs; tmpfs accepts O_DIRECT only since Linux 6.6. Either way Auto
+        // opens, and Require fails exactly when Auto fell back.
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            println!("NOTE: no /dev/shm; skipping");
+            return;
+        };
+        let p = dir.path().join("shm");
+        create_sparse_file(&p, 1 << 20).unwrap();
+        let auto = UringFile::open(&p, &UringOptions::default()).unwrap();
+        let req = UringFile::open(&p, &opts(DirectMode::Require, 512));
+        assert_eq!(auto.is_direct(), req.is_ok(), "{req:?}");
+        if let Err(e) = req {
+            assert!(matches!(e, OpenError::DirectUnsupported { .. }), "{e}");
+        }
+        auto.write(0, pattern(1, 4096), WriteFlags { fua: true })
+            .await
+            .unwrap();
+        assert_reads(&auto, 0, &pattern(1, 4096), "tmpfs").await;
+    }
+
+    #[tokio::test]
+    async fn serial_and_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        create_sparse_file(&p, 1 << 20).unwrap();
+        let f = UringFile::open(&p, &UringOptions::default()).unwrap();
+        assert_eq!(f.path(), p.as_path());
+        assert_eq!(f.serial(), None);
+        assert!(!f.is_block_device());
+        // Whatever the root disk is, reading its serial must not fail or panic.
+        for disk in ["/dev/vda", "/dev/sda", "/dev/nvme0n1"] {
+            if let Ok(d) = UringFile::open(
+                Path::new(disk),
+                &UringOptions {
+                    read_only: true,
+                    ..UringOptions::default()
+                },
+            ) {
+                println!("{disk}: serial {:?}, {:?}", d.serial(), d.geometry());
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The raw system interfaces the io_uring backend needs beyond the ring itself.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes. Missing from the libc
+/// crate. The generic ioctl encoding (x86_64, aarch64, riscv64): direction `read` (2) in
+/// bits 30-31, argument size in bits 16-29, type in bits 8-15, number in bits 0-7.
+const BLKGETSIZE64: libc::Ioctl = ((2u64 << 30) | (8 << 16) | (0x12 << 8) | 114) as libc::Ioctl;
+
+/// Logical sector size of a block device.
+pub(super) fn logical_block_size(file: &File) -> io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live int.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut v) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(v).map_err(|_| io::Error::other("negative sector size"))
+}
+
+/// Physical sector size of a block device.
+pub(super) fn physical_block_size(file: &File) -> io::Result<u32> {
+    let mut v: libc::c_uint = 0;
+    // SAFETY: BLKPBSZGET writes one unsigned int through the pointer.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKPBSZGET, &mut v) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// Size of a block device in bytes.
+pub(super) fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut v) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// Direct I/O alignment (memory, file offset) from statx, when the kernel (6.1+) and the
+/// file system report it.
+pub(super) fn dio_alignment(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: statx is plain old data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    // SAFETY: the path is a valid C string, stx a live statx buffer; AT_EMPTY_PATH makes
+    // the call describe the descriptor itself.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r < 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
+/// Reads `buf.len()` bytes at `offset` with pread(2): used once at open to probe O_DIRECT.
+pub(super) fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+    // SAFETY: buf is valid for writes of buf.len() bytes for the duration of the call.
+    let r = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// Major and minor numbers of a device number (glibc's encoding).
+pub(super) fn major_minor(rdev: u64) -> (u64, u64) {
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    (major, minor)
+}
+
+/// The sysfs directory of a block device (of the whole disk, for a partition).
+fn sysfs_dir(major: u64, minor: u64) -> PathBuf {
+    let dir = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if dir.join("partition").exists() {
+        if let Ok(real) = dir.canonicalize() {
+            if let Some(parent) = real.parent() {
+                return parent.to_path_buf();
+            }
+        }
+    }
+    dir
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let s = s.trim().trim_matches('\0').trim();
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// A queue attribute of a block device (`/sys/dev/block/M:m/queue/NAME`).
+pub(super) fn queue_attr(major: u64, minor: u64, name: &str) -> Option<String> {
+    read_trimmed(&sysfs_dir(major, minor).join("queue").join(name))
+}
+
+/// The serial number of a block device: SCSI/ATA/NVMe `device/serial`, then the
+/// `wwid`s, then virtio's `serial`.
+pub(super) fn serial(major: u64, minor: u64) -> Option<String> {
+    let dir = sysfs_dir(major, minor);
+    ["device/serial", "device/wwid", "wwid", "serial"]
+        .iter()
+        .find_map(|p| read_trimmed(&dir.join(p)))
+}
+
+/// A non-blocking, close-on-exec eventfd.
+pub(super) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain system call.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd's counter.
+pub(super) fn eventfd_signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64. The only possible failure, EAGAIN at a
+    // counter of u64::MAX - 1, means the reader is already due to wake.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blkgetsize64_matches_the_kernel_header() {
+        // linux/fs.h on x86_64: #define BLKGETSIZE64 _IOR(0x12,114,size_t) = 0x80081272.
+        assert_eq!(BLKGETSIZE64, 0x8008_1272);
+    }
+
+    #[test]
+    fn device_numbers_decode() {
+        // makedev(8, 1) and makedev(259, 65536).
+        assert_eq!(major_minor(0x801), (8, 1));
+        let (maj, min) = (259u64, 65536u64);
+        let dev =
+            ((maj & 0xfff) << 8) | ((maj & !0xfff) << 32) | (min & 0xff) | ((min & !0xff) << 12);
+        assert_eq!(major_minor(dev), (maj, min));
+    }
+}

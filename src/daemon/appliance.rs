@@ -1,0 +1,575 @@
+//! The appliance core: the store, the disks, and every operation the API offers.
+//!
+//! HTTP handlers are thin: they decode a request, call one method here and encode the
+//! answer. Mutations are serialized by one lock so that a plan checked against the
+//! current state is still valid when it is committed.
+
+use super::disks::{check_kind, open_and_probe, DiskRuntime, DiskSet};
+use super::listeners::Listeners;
+use crate::api::error::ApiError;
+use crate::api::types::{AddDisk, ApplyResult, DiskCounts, DiskInfo, DiskState, Status};
+use basalt_blockdev::uring::create_sparse_file;
+use basalt_blockdev::{BlockDev, IoStats, IoStatsSnapshot};
+use basalt_config::{
+    check_name, ByteSize, ConfigError, DesiredState, DiskKind, DiskSpec, Plan, Store,
+};
+use std::collections::HashMap;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// The running appliance.
+pub struct Appliance {
+    data_dir: PathBuf,
+    socket: PathBuf,
+    store: Arc<Store>,
+    disks: RwLock<DiskSet>,
+    stats: Mutex<HashMap<String, Arc<IoStats>>>,
+    listeners: Arc<Listeners>,
+    started: Instant,
+    mutation: tokio::sync::Mutex<()>,
+}
+
+/// Runs blocking work (RocksDB, open(2), fallocate) off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("background task failed: {e}")))?
+}
+
+impl Appliance {
+    /// The appliance on an open store; opens every declared disk.
+    pub async fn new(
+        data_dir: PathBuf,
+        socket: PathBuf,
+        store: Store,
+        listeners: Arc<Listeners>,
+    ) -> Result<Arc<Appliance>, ApiError> {
+        let appliance = Arc::new(Appliance {
+            data_dir,
+            socket,
+            store: Arc::new(store),
+            disks: RwLock::new(DiskSet::default()),
+            stats: Mutex::new(HashMap::new()),
+            listeners,
+            started: Instant::now(),
+            mutation: tokio::sync::Mutex::new(()),
+        });
+        let store = appliance.store.clone();
+        for spec in blocking(move || Ok(store.disks()?)).await? {
+            appliance.open(&spec).await;
+        }
+        Ok(appliance)
+    }
+
+    fn stats_for(&self, name: &str) -> Arc<IoStats> {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Opens and probes a declared disk and records the outcome.
+    async fn open(&self, spec: &DiskSpec) {
+        let rt = open_and_probe(spec.clone(), self.stats_for(&spec.name)).await;
+        match rt.state {
+            DiskState::Online => {
+                tracing::info!(disk = %spec.name, path = %spec.path.display(), "disk online")
+            }
+            _ => tracing::warn!(disk = %spec.name, error = ?rt.error, "disk not available"),
+        }
+        self.disks_mut().disks.insert(spec.name.clone(), rt);
+    }
+
+    fn disks_mut(&self) -> std::sync::RwLockWriteGuard<'_, DiskSet> {
+        self.disks.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn disks_ref(&self) -> std::sync::RwLockReadGuard<'_, DiskSet> {
+        self.disks.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// `GET /status`.
+    pub async fn status(&self) -> Result<Status, ApiError> {
+        let store = self.store.clone();
+        let (appliance, id, schema, generation) = blocking(move || {
+            Ok((
+                store.appliance()?,
+                store.appliance_id()?,
+                store.schema_version()?,
+                store.generation()?,
+            ))
+        })
+        .await?;
+        let disks = self.disks_ref();
+        let online = disks
+            .disks
+            .values()
+            .filter(|d| d.state == DiskState::Online)
+            .count();
+        Ok(Status {
+            name: appliance.name,
+            appliance_id: id,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            data_dir: self.data_dir.display().to_string(),
+            store_schema_version: schema,
+            config_generation: generation,
+            listen: self
+                .listeners
+                .addresses()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            socket: self.socket.display().to_string(),
+            disks: DiskCounts {
+                total: disks.disks.len(),
+                online,
+                unavailable: disks.disks.len() - online,
+            },
+        })
+    }
+
+    /// `GET /disks`.
+    pub fn list_disks(&self) -> Vec<DiskInfo> {
+        self.disks_ref()
+            .disks
+            .values()
+            .map(DiskRuntime::info)
+            .collect()
+    }
+
+    /// `GET /disks/{name}`.
+    pub fn disk(&self, name: &str) -> Result<DiskInfo, ApiError> {
+        self.disks_ref()
+            .disks
+            .get(name)
+            .map(DiskRuntime::info)
+            .ok_or_else(|| ApiError::NotFound(format!("no disk named {name:?}")))
+    }
+
+    /// Counters of every disk, for `/metrics`.
+    pub fn disk_stats(&self) -> Vec<(DiskInfo, IoStatsSnapshot)> {
+        self.disks_ref()
+            .disks
+            .values()
+            .map(|d| (d.info(), d.snapshot()))
+            .collect()
+    }
+
+    /// `POST /disks`: declares a disk, creating a sparse file when asked to.
+    pub async fn add_disk(self: &Arc<Self>, req: AddDisk) -> Result<DiskInfo, ApiError> {
+        let _guard = self.mutation.lock().await;
+        check_name(&req.name).map_err(ApiError::BadRequest)?;
+        let size = req
+            .size
+            .as_deref()
+            .map(|s| s.parse::<ByteSize>())
+            .transpose()
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let path = match &req.path {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let dir = self.data_dir.join("disks");
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    ApiError::Internal(format!("cannot create {}: {e}", dir.display()))
+                })?;
+                dir.join(format!("{}.img", req.name))
+            }
+        };
+        if !path.is_absolute() {
+            return Err(ApiError::BadRequest(format!(
+                "disk path {} must be absolute",
+                path.display()
+            )));
+        }
+        let (spec, create) = inspect_new_disk(&req.name, &path, size, req.block_size)?;
+        let problems = spec.check();
+        if !problems.is_empty() {
+            return Err(ApiError::BadRequest(problems.join("; ")));
+        }
+        // Conflicts first, so a refused add never leaves a file behind.
+        let store = self.store.clone();
+        let s = spec.clone();
+        blocking(move || {
+            for existing in store.disks()? {
+                if existing.name == s.name {
+                    return Err(ApiError::Conflict(format!(
+                        "a disk named {:?} already exists",
+                        s.name
+                    )));
+                }
+                if existing.path == s.path {
+                    return Err(ApiError::Conflict(format!(
+                        "{} is already disk {:?}",
+                        s.path.display(),
+                        existing.name
+                    )));
+                }
+            }
+            if create {
+                make_file(&s)?;
+            }
+            Ok(())
+        })
+        .await?;
+        let undo = |spec: &DiskSpec| {
+            if create {
+                let _ = std::fs::remove_file(&spec.path);
+            }
+        };
+        let rt = open_and_probe(spec.clone(), self.stats_for(&spec.name)).await;
+        if rt.state != DiskState::Online {
+            undo(&spec);
+            return Err(ApiError::BadRequest(format!(
+                "cannot use {}: {}",
+                spec.path.display(),
+                rt.error.unwrap_or_default()
+            )));
+        }
+        let store = self.store.clone();
+        let s = spec.clone();
+        if let Err(e) = blocking(move || Ok(store.add_disk(&s)?)).await {
+            undo(&spec);
+            return Err(e);
+        }
+        let info = rt.info();
+        tracing::info!(disk = %spec.name, path = %spec.path.display(), "disk added");
+        self.disks_mut().disks.insert(spec.name.clone(), rt);
+        Ok(info)
+    }
+
+    /// `DELETE /disks/{name}`: forgets a disk. Its file or device is left as it is.
+    pub async fn remove_disk(self: &Arc<Self>, name: String) -> Result<(), ApiError> {
+        let _guard = self.mutation.lock().await;
+        let store = self.store.clone();
+        let n = name.clone();
+        let existed = blocking(move || Ok(store.remove_disk(&n)?)).await?;
+        if !existed {
+            return Err(ApiError::NotFound(format!("no disk named {name:?}")));
+        }
+        self.close(&name).await;
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+        tracing::info!(disk = %name, "disk removed");
+        Ok(())
+    }
+
+    async fn close(&self, name: &str) {
+        let removed = self.disks_mut().disks.remove(name);
+        if let Some(DiskRuntime {
+            open: Some(open), ..
+        }) = removed
+        {
+            if let Err(e) = open.dev.flush().await {
+                tracing::warn!(disk = %name, error = %e, "flush at close failed");
+            }
+        }
+    }
+
+    /// `GET /config`: the whole desired state as TOML.
+    pub async fn export_config(&self) -> Result<String, ApiError> {
+        let store = self.store.clone();
+        blocking(move || Ok(store.desired_state()?.to_toml())).await
+    }
+
+    /// `PUT /config`: checks a whole desired state against the document and the machine,
+    /// then applies it, or changes nothing.
+    pub async fn apply_config(
+        self: &Arc<Self>,
+        text: String,
+        dry_run: bool,
+    ) -> Result<ApplyResult, ApiError> {
+        let _guard = self.mutation.lock().await;
+        let desired =
+            DesiredState::from_toml(&text).map_err(|errors| ApiError::InvalidConfig(errors.0))?;
+        let store = self.store.clone();
+        let d = desired.clone();
+        let plan = blocking(move || Ok(store.plan(&d)?)).await?;
+        let mut errors = check_plan(&plan);
+        let new_listeners = if plan.api_changed {
+            match self.listeners.bind_new(&desired.api.listen).await {
+                Ok(bound) => bound,
+                Err(e) => {
+                    errors.push(ConfigError::on_line(None, e));
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        if !errors.is_empty() {
+            return Err(ApiError::InvalidConfig(errors));
+        }
+        let changes = describe(&plan);
+        if dry_run {
+            let generation = self.store.generation()?;
+            return Ok(ApplyResult {
+                dry_run,
+                changes,
+                generation,
+            });
+        }
+
+        let store = self.store.clone();
+        let plan2 = plan.clone();
+        let d = desired.clone();
+        let generation = blocking(move || {
+            let mut created = Vec::new();
+            for spec in plan2.add_disks.iter().filter(|s| s.kind == DiskKind::File) {
+                if !spec.path.exists() {
+                    if let Err(e) = make_file(spec) {
+                        remove_all(&created);
+                        return Err(e);
+                    }
+                    created.push(spec.path.clone());
+                }
+            }
+            for (old, new) in &plan2.change_disks {
+                if let Err(e) = grow_file(old, new) {
+                    remove_all(&created);
+                    return Err(e);
+                }
+            }
+            if let Err(e) = store.apply(&d) {
+                remove_all(&created);
+                return Err(e.into());
+            }
+            Ok(store.generation()?)
+        })
+        .await?;
+
+        // Bring the running appliance in line with what was committed.
+        for name in &plan.remove_disks {
+            self.close(name).await;
+        }
+        for (_, new) in &plan.change_disks {
+            self.close(&new.name).await;
+            self.open(new).await;
+        }
+        for spec in &plan.add_disks {
+            self.open(spec).await;
+        }
+        if plan.api_changed {
+            self.listeners.replace(new_listeners, &desired.api.listen);
+        }
+        tracing::info!(generation, changes = changes.len(), "configuration applied");
+        Ok(ApplyResult {
+            dry_run,
+            changes,
+            generation,
+        })
+    }
+
+    /// Flushes every disk and the store; called once at shutdown.
+    pub async fn shutdown(&self) {
+        let devs: Vec<_> = self
+            .disks_ref()
+            .disks
+            .values()
+            .filter_map(|d| {
+                d.open
+                    .as_ref()
+                    .map(|o| (d.spec.name.clone(), o.dev.clone()))
+            })
+            .collect();
+        for (name, dev) in devs {
+            if let Err(e) = dev.flush().await {
+                tracing::warn!(disk = %name, error = %e, "flush at shutdown failed");
+            }
+        }
+        self.disks_mut().disks.clear();
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(error = %e, "store flush at shutdown failed");
+        }
+    }
+}
+
+/// Works out what a new disk at `path` is, and whether a file must be created.
+fn inspect_new_disk(
+    name: &str,
+    path: &Path,
+    size: Option<ByteSize>,
+    block_size: Option<u32>,
+) -> Result<(DiskSpec, bool), ApiError> {
+    let mut spec = DiskSpec {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        kind: DiskKind::File,
+        size,
+        block_size,
+        line: None,
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.file_type().is_block_device() => {
+            if size.is_some() || block_size.is_some() {
+                return Err(ApiError::BadRequest(format!(
+                    "{} is a block device: it has its own size and block size; do not give them",
+                    path.display()
+                )));
+            }
+            spec.kind = DiskKind::Block;
+            Ok((spec, false))
+        }
+        Ok(meta) if meta.is_file() => {
+            if let Some(s) = size {
+                if s.0 != meta.len() {
+                    return Err(ApiError::BadRequest(format!(
+                        "{} already exists with {} bytes, not {}; leave out the size to use it as it is",
+                        path.display(),
+                        meta.len(),
+                        s.0
+                    )));
+                }
+            }
+            spec.size = Some(ByteSize(meta.len()));
+            Ok((spec, false))
+        }
+        Ok(_) => Err(ApiError::BadRequest(format!(
+            "{} is neither a regular file nor a block device",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if size.is_none() {
+                return Err(ApiError::BadRequest(format!(
+                    "no such file or device: {}; to create a file disk there, give its size",
+                    path.display()
+                )));
+            }
+            match path.parent() {
+                Some(parent) if parent.is_dir() => Ok((spec, true)),
+                _ => Err(ApiError::BadRequest(format!(
+                    "cannot create {}: its directory does not exist",
+                    path.display()
+                ))),
+            }
+        }
+        Err(e) => Err(ApiError::BadRequest(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn make_file(spec: &DiskSpec) -> Result<(), ApiError> {
+    let size = spec.size.map(|s| s.0).unwrap_or(0);
+    create_sparse_file(&spec.path, size)
+        .map_err(|e| ApiError::BadRequest(format!("cannot create {}: {e}", spec.path.display())))
+}
+
+fn grow_file(old: &DiskSpec, new: &DiskSpec) -> Result<(), ApiError> {
+    let new_size = new.size.map(|s| s.0).unwrap_or(0);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&new.path)
+        .map_err(|e| ApiError::BadRequest(format!("{}: {e}", new.path.display())))?;
+    let len = file
+        .metadata()
+        .map_err(|e| ApiError::BadRequest(format!("{}: {e}", new.path.display())))?
+        .len();
+    if len < new_size {
+        file.set_len(new_size).map_err(|e| {
+            ApiError::BadRequest(format!("cannot grow {}: {e}", old.path.display()))
+        })?;
+    }
+    Ok(())
+}
+
+fn remove_all(paths: &[PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Checks a plan against the machine: paths exist or can be created, kinds match, and
+/// only changes that lose nothing are asked for.
+fn check_plan(plan: &Plan) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    for spec in &plan.add_disks {
+        let err =
+            |msg: String| ConfigError::on_line(spec.line, format!("disk {:?}: {msg}", spec.name));
+        match (spec.kind, std::fs::metadata(&spec.path)) {
+            (DiskKind::File, Ok(meta)) => {
+                if !meta.is_file() {
+                    errors.push(err(format!(
+                        "{} is not a regular file",
+                        spec.path.display()
+                    )));
+                } else if Some(meta.len()) != spec.size.map(|s| s.0) {
+                    errors.push(err(format!(
+                        "{} exists with {} bytes, not the declared {}",
+                        spec.path.display(),
+                        meta.len(),
+                        spec.size.unwrap_or_default().0
+                    )));
+                }
+            }
+            (DiskKind::File, Err(_)) => {
+                if !spec.path.parent().is_some_and(Path::is_dir) {
+                    errors.push(err(format!(
+                        "cannot create {}: its directory does not exist",
+                        spec.path.display()
+                    )));
+                }
+            }
+            (DiskKind::Block, _) => {
+                if let Err(e) = check_kind(&spec.path, DiskKind::Block) {
+                    errors.push(err(e));
+                }
+            }
+        }
+    }
+    for (old, new) in &plan.change_disks {
+        let err =
+            |msg: String| ConfigError::on_line(new.line, format!("disk {:?}: {msg}", new.name));
+        let grows_only = old.kind == DiskKind::File
+            && new.kind == DiskKind::File
+            && old.path == new.path
+            && old.block_size.unwrap_or(512) == new.block_size.unwrap_or(512)
+            && new.size >= old.size;
+        if !grows_only {
+            errors.push(err(
+                "only the size of a file disk can change, and only upward; remove the disk and add a new one instead"
+                    .to_string(),
+            ));
+        }
+    }
+    errors
+}
+
+fn describe(plan: &Plan) -> Vec<String> {
+    let mut changes = Vec::new();
+    if plan.appliance_changed {
+        changes.push("update appliance settings".to_string());
+    }
+    if plan.api_changed {
+        changes.push("update API listeners".to_string());
+    }
+    for d in &plan.add_disks {
+        changes.push(format!(
+            "add disk {} ({} {})",
+            d.name,
+            d.kind,
+            d.path.display()
+        ));
+    }
+    for (old, new) in &plan.change_disks {
+        changes.push(format!(
+            "grow disk {} from {} to {}",
+            new.name,
+            old.size.unwrap_or_default(),
+            new.size.unwrap_or_default()
+        ));
+    }
+    for name in &plan.remove_disks {
+        changes.push(format!("remove disk {name} (its file or device is kept)"));
+    }
+    changes
+}

@@ -1,0 +1,98 @@
+//! `basalt`: the appliance daemon (`basalt serve`) and its command line client.
+
+mod api;
+mod cli;
+mod daemon;
+mod metrics;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use cli::{ClientArgs, ConfigCommand, DiskCommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Basalt: a software-defined storage appliance.
+#[derive(Parser, Debug)]
+#[command(name = "basalt", version, about, propagate_version = true)]
+struct Cli {
+    /// The appliance's data directory (store, credentials, socket).
+    #[arg(long, global = true, env = "BASALT_DATA_DIR", default_value = "./var")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the appliance daemon.
+    Serve {
+        /// A desired-state TOML file to apply at start.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show the appliance's status.
+    Status,
+    /// Manage disks.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Export or apply the whole desired state.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    init_logging(serving);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if let Command::Serve { config } = cli.command {
+        return daemon::serve(daemon::ServeOptions {
+            data_dir: cli.data_dir,
+            config,
+        })
+        .await;
+    }
+    let client = cli::client::Client::new(
+        &cli.data_dir,
+        cli.client.url.as_deref(),
+        cli.client.token.clone(),
+        cli.client.ca_cert.as_deref(),
+    )?;
+    match cli.command {
+        Command::Serve { .. } => Ok(()),
+        Command::Status => cli::status(&client, &cli.client).await,
+        Command::Disk(cmd) => cli::disk(&client, &cli.client, cmd).await,
+        Command::Config(cmd) => cli::config(&client, &cli.client, cmd).await,
+    }
+}
+
+fn init_logging(serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BASALT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
