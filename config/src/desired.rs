@@ -275,10 +275,12 @@ impl DiskSpec {
                     Some(ByteSize(0)) => {
                         problems.push(format!("disk {:?}: size must not be zero", self.name))
                     }
-                    Some(ByteSize(n)) if !n.is_multiple_of(u64::from(bs)) => problems.push(format!(
-                        "disk {:?}: size {n} is not a multiple of the block size {bs}",
-                        self.name
-                    )),
+                    Some(ByteSize(n)) if !n.is_multiple_of(u64::from(bs)) => {
+                        problems.push(format!(
+                            "disk {:?}: size {n} is not a multiple of the block size {bs}",
+                            self.name
+                        ))
+                    }
                     Some(_) => {}
                 }
             }

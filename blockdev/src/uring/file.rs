@@ -130,6 +130,9 @@ impl UringFile {
             DirectMode::Off => (probe_file, false, 1),
             mode => match open_direct(path, options.read_only, block_size) {
                 Ok((file, mem_align)) => (file, true, mem_align),
+                Err(e) if !refuses_direct(&e) => {
+                    return Err(OpenError::from_io(path, "open with O_DIRECT", e))
+                }
                 // The file system refused: fall back to the page cache.
                 Err(_) if mode == DirectMode::Auto => (probe_file, false, 1),
                 Err(source) => {
@@ -329,6 +332,12 @@ fn open_raw(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
     o.read(true).write(!read_only);
     o.custom_flags(libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 });
     o.open(path)
+}
+
+/// True for the errors with which a file system says it cannot do direct I/O (at open,
+/// or at our probe read): EINVAL, or our own alignment verdict.
+fn refuses_direct(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL) || e.kind() == io::ErrorKind::InvalidInput
 }
 
 /// Opens with O_DIRECT and proves it works at `block_size` with one aligned read;
