@@ -8,6 +8,6 @@ if ! command -v fio >/dev/null; then
     # Debian's package; refresh the package lists only if the plain install fails.
     apt-get install -y fio || { apt-get update && apt-get install -y fio; }
 fi
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/root/.cache/basalt-target}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/basalt-target}"
 cargo build --release -p basalt-bench --bin blockdev-vs-fio
 exec "$CARGO_TARGET_DIR/release/blockdev-vs-fio" "$@"

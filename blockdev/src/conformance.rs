@@ -25,7 +25,9 @@
 //! claim `discard_zeroes`).
 
 use crate::rng::SplitMix64;
-use crate::{BlockDev, BlockError, CompareOutcome, SharedBlockDev, WriteFlags, ZeroFlags};
+use crate::{
+    BlockDev, BlockError, CompareOutcome, ExtentKind, SharedBlockDev, WriteFlags, ZeroFlags,
+};
 use bytes::Bytes;
 use std::future::Future;
 use std::sync::Arc;
@@ -62,6 +64,7 @@ where
     check!(large_io);
     check!(many_small_ios_in_flight);
     check!(unaligned_buffers);
+    check!(block_status);
 }
 
 /// `len` bytes of a pattern derived from `seed`.
@@ -675,5 +678,58 @@ pub async fn unaligned_buffers(name: &str, dev: SharedBlockDev) {
         &all.slice(2 * bs..)[..],
         &data[2 * bs..],
         "{name}: sliced read"
+    );
+}
+
+/// Block status covers the range exactly with block-aligned extents, and whatever it
+/// calls a hole (with `discard_zeroes`) or zero reads as zeroes.
+pub async fn block_status(name: &str, dev: SharedBlockDev) {
+    let bs = bs(&*dev);
+    let zeroed = dev.geometry().capabilities.discard_zeroes;
+    let span: u64 = 1 << 20;
+    write_ok(&*dev, 0, pattern(140, (span / 4) as usize), name).await;
+    write_ok(&*dev, span / 2, pattern(141, bs as usize), name).await;
+    if dev.geometry().capabilities.discard {
+        dev.discard(span / 2 + 64 * bs, 64 * bs)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: discard: {e}"));
+    }
+    for (off, len) in [(0, span), (bs, span - 2 * bs), (span / 2, bs)] {
+        let extents = dev
+            .block_status(off, len)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: block_status({off}, {len}): {e}"));
+        let mut at = off;
+        for e in &extents {
+            assert!(
+                e.len > 0 && e.len % bs == 0,
+                "{name}: extent {e:?} is empty or not block-aligned"
+            );
+            let reads_zero = match e.kind {
+                ExtentKind::Zero => true,
+                ExtentKind::Hole => zeroed,
+                ExtentKind::Data => false,
+            };
+            if reads_zero {
+                assert_reads(
+                    &*dev,
+                    at,
+                    &zeroes(e.len),
+                    &format!("{name}: {:?} extent at {at}", e.kind),
+                )
+                .await;
+            }
+            at += e.len;
+        }
+        assert_eq!(
+            at,
+            off + len,
+            "{name}: block_status({off}, {len}) covers up to {at}: {extents:?}"
+        );
+    }
+    let r = dev.block_status(dev.geometry().capacity_bytes(), bs).await;
+    assert!(
+        matches!(r, Err(BlockError::OutOfRange { .. })),
+        "{name}: block_status past the end: {r:?}"
     );
 }

@@ -6,6 +6,17 @@
 //! stacks on the one below (SPDK's bdev model) and every test can wrap any of them in
 //! the fault injector.
 //!
+//! # Backends and wrappers
+//!
+//! - [`UringFile`] ([`uring`]): a regular file or a block device through io_uring, with a
+//!   driver thread per device, batched submission and O_DIRECT.
+//! - [`MemDev`] ([`memory`]): sparse memory, for tests.
+//! - [`FaultDev`] ([`fault`]): wraps any device to inject errors, latency, torn writes,
+//!   a volatile write cache, crashes and dead disks.
+//! - [`Metered`] ([`metered`]): wraps any device to count its requests in [`IoStats`].
+//! - `conformance` (feature `test-utils`): the suite that checks every contract below
+//!   against any implementation.
+//!
 //! Buffers are owned ([`bytes::Bytes`]) rather than borrowed: an io_uring request keeps
 //! its buffer until the kernel completes it, even if the caller's future is dropped, so a
 //! borrowed slice would not be sound. Backends that need aligned memory (O_DIRECT) get
@@ -74,8 +85,8 @@ pub enum CompareOutcome {
 
 /// A block device.
 ///
-/// Contracts every implementation keeps (the conformance suite in
-/// [`conformance`] checks them):
+/// Contracts every implementation keeps (the conformance suite, `conformance` under the
+/// `test-utils` feature, checks them):
 /// - `offset` and every length are multiples of [`Geometry::block_size`] and the range
 ///   lies inside the device; otherwise the call fails with
 ///   [`BlockError::Misaligned`] or [`BlockError::OutOfRange`] and touches nothing.
@@ -119,6 +130,38 @@ pub trait BlockDev: Send + Sync + 'static {
         data: Bytes,
         flags: WriteFlags,
     ) -> Result<CompareOutcome>;
+
+    /// Describes how `[offset, offset + len)` is provisioned, as extents in address
+    /// order that cover the range exactly (NBD BLOCK_STATUS, SCSI GET LBA STATUS).
+    /// The default says "all data", which is always true; thin devices override it to
+    /// report holes and zeroes.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(&self.geometry(), offset, len)?;
+        Ok(vec![Extent {
+            len,
+            kind: ExtentKind::Data,
+        }])
+    }
+}
+
+/// How a run of blocks is provisioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Allocated, holding data (which may happen to be zero).
+    Data,
+    /// Allocated and known to read as zeroes.
+    Zero,
+    /// Not allocated; reads as zeroes when [`Capabilities::discard_zeroes`] is set.
+    Hole,
+}
+
+/// A run of blocks with one provisioning state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes (a multiple of the block size).
+    pub len: u64,
+    /// Its state.
+    pub kind: ExtentKind,
 }
 
 /// A shared, type-erased block device, the form in which layers hold the layer below.
@@ -162,6 +205,10 @@ impl<T: BlockDev + ?Sized> BlockDev for Arc<T> {
         (**self)
             .compare_and_write(offset, compare, data, flags)
             .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        (**self).block_status(offset, len).await
     }
 }
 

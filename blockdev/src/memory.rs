@@ -15,7 +15,7 @@
 
 use crate::{
     check_range, first_difference, AlignedBuf, BlockDev, BlockError, Capabilities, CompareOutcome,
-    Geometry, Result, WriteFlags, ZeroFlags,
+    Extent, ExtentKind, Geometry, Result, WriteFlags, ZeroFlags,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -229,6 +229,28 @@ impl BlockDev for MemDev {
         Self::write_from(&mut chunks, offset, &data);
         Ok(CompareOutcome::Written)
     }
+
+    /// Unallocated chunks are holes, allocated ones data (at chunk granularity).
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(&self.geometry, offset, len)?;
+        let chunks = self.chunks_read();
+        let mut out: Vec<Extent> = Vec::new();
+        for (_, chunk, _, n) in pieces(offset, len) {
+            let kind = if chunks.contains_key(&chunk) {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Hole
+            };
+            match out.last_mut() {
+                Some(e) if e.kind == kind => e.len += n as u64,
+                _ => out.push(Extent {
+                    len: n as u64,
+                    kind,
+                }),
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl std::fmt::Debug for MemDev {
@@ -324,6 +346,33 @@ mod tests {
                 .await,
             Err(BlockError::ReadOnly)
         ));
+    }
+
+    #[tokio::test]
+    async fn block_status_reports_holes() {
+        let dev = MemDev::new(1024, 512); // 8 chunks
+        dev.write(CHUNK, Bytes::from(vec![1u8; 512]), WriteFlags::default())
+            .await
+            .unwrap();
+        let ext = dev.block_status(0, 4 * CHUNK).await.unwrap();
+        let kinds: Vec<_> = ext.iter().map(|e| (e.kind, e.len)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (ExtentKind::Hole, CHUNK),
+                (ExtentKind::Data, CHUNK),
+                (ExtentKind::Hole, 2 * CHUNK)
+            ]
+        );
+        // A range starting inside a chunk is cut at the range's edges.
+        let ext = dev.block_status(CHUNK + 512, 1024).await.unwrap();
+        assert_eq!(
+            ext,
+            vec![Extent {
+                len: 1024,
+                kind: ExtentKind::Data
+            }]
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! miscompared.
 
 use crate::{
-    BlockDev, CompareOutcome, Geometry, IoKind, IoStats, Result, SharedBlockDev, WriteFlags,
-    ZeroFlags,
+    BlockDev, CompareOutcome, Extent, Geometry, IoKind, IoStats, Result, SharedBlockDev,
+    WriteFlags, ZeroFlags,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -114,6 +114,11 @@ impl<D: BlockDev> BlockDev for Metered<D> {
         self.stats
             .finish(IoKind::CompareAndWrite, t, bytes, r.is_ok());
         r
+    }
+
+    /// Forwarded, uncounted (it moves no data).
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.block_status(offset, len).await
     }
 }
 

@@ -1,6 +1,11 @@
 //! Targets: how LUNs and datastores leave the appliance.
 //!
-//! This crate will own one transport-free SCSI core (SBC-3/SPC-4 emulation, sense data,
-//! persistent reservations, COMPARE AND WRITE, UNMAP, EXTENDED COPY) and the transports
-//! on it: iSCSI (RFC 7143) and FCoE, plus an NBD server and an NFS server. Each protocol
-//! core is sans-IO; thin tokio drivers move the bytes. Nothing is implemented yet.
+//! One transport-free SCSI core ([`scsi`]) under every SCSI transport (iSCSI, later
+//! FCoE), and an NBD server ([`nbd`]) directly on block devices; NFS for datastores comes
+//! later. Each protocol lives in its own crate under `targets/` so that its sans-IO core
+//! can be fuzzed and tested alone and so that protocols evolve without rebuilding each
+//! other; this crate gathers them for the daemon.
+
+pub use basalt_iscsi as iscsi;
+pub use basalt_nbd as nbd;
+pub use basalt_scsi as scsi;

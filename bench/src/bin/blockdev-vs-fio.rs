@@ -210,24 +210,31 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
     println!();
     println!(
-        "| {:<18} | {:>10} | {:>9} | {:>11} | {:>10} | {:>6} | {:<12} |",
+        "| {:<18} | {:>10} | {:>9} | {:>11} | {:>11} | {:>6} | {:<15} |",
         "test", "fio IOPS", "fio MB/s", "basalt IOPS", "basalt MB/s", "ratio", "goal"
     );
     println!(
-        "|{:-<20}|{:->12}|{:->11}|{:->13}|{:->12}|{:->8}|{:-<14}|",
-        "", "", "", "", "", "", ""
+        "|{}|{}|{}|{}|{}|{}|{}|",
+        "-".repeat(20),
+        "-".repeat(12),
+        "-".repeat(11),
+        "-".repeat(13),
+        "-".repeat(13),
+        "-".repeat(8),
+        "-".repeat(17)
     );
     for (w, fio, ours) in &rows {
         let ratio = ours.iops / fio.iops.max(f64::MIN_POSITIVE);
         let verdict = if ratio >= GOAL { "met" } else { "MISSED" };
         println!(
-            "| {:<18} | {:>10.0} | {:>9.1} | {:>11.0} | {:>10.1} | {:>5.2}x | >= {GOAL:.1}x {verdict:<6} |",
+            "| {:<18} | {:>10.0} | {:>9.1} | {:>11.0} | {:>11.1} | {:>5.2}x | {:<15} |",
             w.name,
             fio.iops,
             fio.mb_per_sec(),
             ours.iops,
             ours.mb_per_sec(),
             ratio,
+            format!(">= {GOAL:.1}x {verdict}"),
         );
     }
     if args.remove {
@@ -311,18 +318,22 @@ fn run_fio(w: &Workload, path: &Path, size: u64, runtime: u64) -> Result<Figures
         )
         .into());
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    // fio may print notes before the JSON document.
-    let json = text
-        .find('{')
-        .map(|i| &text[i..])
-        .ok_or("fio printed no JSON")?;
-    let v: serde_json::Value = serde_json::from_str(json)?;
     let side = if w.rw == Rw::SeqWrite {
         "write"
     } else {
         "read"
     };
+    parse_fio(&String::from_utf8_lossy(&out.stdout), side)
+}
+
+/// IOPS and bandwidth of the first job's `side` ("read" or "write") from fio's JSON
+/// output, which may be preceded by notes.
+fn parse_fio(text: &str, side: &str) -> Result<Figures, BoxError> {
+    let json = text
+        .find('{')
+        .map(|i| &text[i..])
+        .ok_or("fio printed no JSON")?;
+    let v: serde_json::Value = serde_json::from_str(json)?;
     let job = &v["jobs"][0][side];
     let iops = job["iops"].as_f64().ok_or("no iops in fio output")?;
     let bw = job["bw_bytes"]
@@ -461,4 +472,37 @@ fn filesystem_of(dir: &Path) -> String {
         .max_by_key(|(len, _)| *len)
         .map(|(_, s)| s)
         .unwrap_or_else(|| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fio_json_after_notes() {
+        let out = r#"note: both iodepth >= 1 and synchronous I/O engine selected
+{"fio version": "fio-3.33", "jobs": [{"jobname": "bench",
+  "read": {"iops": 1234.5, "bw_bytes": 5056512},
+  "write": {"iops": 0.0, "bw_bytes": 0}}]}"#;
+        let f = parse_fio(out, "read").unwrap();
+        assert_eq!(f.iops, 1234.5);
+        assert_eq!(f.bytes_per_sec, 5056512.0);
+        assert!(parse_fio("fio: error", "read").is_err());
+    }
+
+    #[test]
+    fn mean_of_rounds() {
+        let m = Figures::mean(&[
+            Figures {
+                iops: 10.0,
+                bytes_per_sec: 100.0,
+            },
+            Figures {
+                iops: 20.0,
+                bytes_per_sec: 300.0,
+            },
+        ]);
+        assert_eq!(m.iops, 15.0);
+        assert_eq!(m.mb_per_sec(), 0.0002);
+    }
 }

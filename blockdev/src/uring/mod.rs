@@ -69,9 +69,9 @@
 //! scheduler, which the network side of Basalt runs on, cannot use it; `glommio` and
 //! `monoio` are whole thread-per-core runtimes that replace tokio; `compio` is another
 //! runtime (in beta); `rio` is GPL and unmaintained. What remains is the low-level
-//! `io-uring` crate (tokio-rs), which this module uses, plus some 500 lines of driver.
-//! A dedicated thread per device also gives what SPDK and QEMU's io_uring backend do:
-//! batching across every task that uses the device, and a bounded queue depth.
+//! `io-uring` crate (tokio-rs), which this module uses, plus a few hundred lines of
+//! driver. A dedicated thread per device also gives batching across every task that uses
+//! the device and one place to bound its queue depth.
 //!
 //! # O_DIRECT
 //!
