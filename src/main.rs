@@ -31,6 +31,10 @@ enum Command {
         /// A desired-state TOML file to apply at start.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// On a fresh data directory, do not set up the embedded default (file disks
+        /// under DATA_DIR/disks); start empty.
+        #[arg(long)]
+        no_defaults: bool,
     },
     /// Show the appliance's status.
     Status,
@@ -66,10 +70,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    if let Command::Serve { config } = cli.command {
+    if let Command::Serve {
+        config,
+        no_defaults,
+    } = cli.command
+    {
         return daemon::serve(daemon::ServeOptions {
             data_dir: cli.data_dir,
             config,
+            defaults: !no_defaults,
         })
         .await;
     }
@@ -94,5 +103,6 @@ fn init_logging(serving: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

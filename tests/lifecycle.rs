@@ -103,3 +103,59 @@ fn cli_without_a_daemon_says_so() {
         r.stderr
     );
 }
+
+#[test]
+fn a_fresh_appliance_starts_on_the_embedded_default() {
+    let dir = tempdir();
+    let data = dir.path().join("var");
+    // No --config: the embedded default (sparse file disks under var/disks). Port 8443
+    // may be taken on a test machine; the daemon then serves on its unix socket alone.
+    let mut d = Daemon::start(&data, None);
+    let list: serde_json::Value =
+        serde_json::from_str(&d.cli(&["--json", "disk", "list"]).ok().stdout).unwrap();
+    let disks = list.as_array().unwrap();
+    assert_eq!(disks.len(), 4);
+    for disk in disks {
+        assert_eq!(disk["state"], "online", "{disk}");
+        assert_eq!(disk["size_bytes"], 8u64 << 30);
+    }
+    assert_eq!(d.stop(), 0);
+    // A restart does not apply the default again (the admin may have changed things).
+    let d = Daemon::start(&data, None);
+    d.cli(&["disk", "remove", "d3"]).ok();
+    drop(d);
+    let d = Daemon::start(&data, None);
+    let list: serde_json::Value =
+        serde_json::from_str(&d.cli(&["--json", "disk", "list"]).ok().stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn no_defaults_starts_empty() {
+    let dir = tempdir();
+    let data = dir.path().join("var");
+    std::fs::create_dir_all(&data).unwrap();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = std::process::Command::new(BASALT)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--no-defaults")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        data_dir: data.clone(),
+        child: None,
+        log: dir.path().join("log"),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while d.cli(&["status"]).code != 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(d.cli(&["--json", "disk", "list"]).ok().stdout.trim(), "[]");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -35,6 +35,25 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// A desired-state document to apply at start.
     pub config: Option<PathBuf>,
+    /// Set up the embedded default on a fresh data directory when no `config` is given.
+    pub defaults: bool,
+}
+
+/// Disks of the embedded default: sparse files, so they cost no space until written.
+const DEFAULT_DISKS: usize = 4;
+const DEFAULT_DISK_SIZE: &str = "8G";
+
+/// The embedded default desired state for a fresh appliance on `data_dir`: a few
+/// sparse file disks, so that a newcomer's `make run` has something to build on.
+fn embedded_default(data_dir: &Path) -> String {
+    let mut doc = String::from("version = 1\n");
+    for i in 0..DEFAULT_DISKS {
+        doc += &format!(
+            "\n[[disk]]\nname = \"d{i}\"\npath = \"{}\"\nkind = \"file\"\nsize = \"{DEFAULT_DISK_SIZE}\"\n",
+            data_dir.join("disks").join(format!("d{i}.img")).display()
+        );
+    }
+    doc
 }
 
 /// Runs the daemon until a signal stops it.
@@ -67,37 +86,56 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
         token: Arc::new(token),
     };
     listeners.set_router(api::router(state));
-    if let Some(path) = &opts.config {
-        let text = fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let fresh = appliance.store().generation()? == 0;
+    let start_config = match &opts.config {
+        Some(path) => Some((
+            path.display().to_string(),
+            fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?,
+        )),
+        None if fresh && opts.defaults => {
+            fs::create_dir_all(data_dir.join("disks"))?;
+            tracing::info!("fresh data directory: setting up the embedded default");
+            Some((
+                "the embedded default".to_string(),
+                embedded_default(&data_dir),
+            ))
+        }
+        None => None,
+    };
+    if let Some((path, text)) = start_config {
         match appliance.apply_config(text, false).await {
             Ok(result) => {
                 for change in &result.changes {
-                    tracing::info!(%change, "applied from {}", path.display());
+                    tracing::info!(%change, "applied from {path}");
                 }
             }
             Err(crate::api::error::ApiError::InvalidConfig(errors)) => {
                 let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
                 bail!(
-                    "config file {} refused, nothing was changed:\n{}",
-                    path.display(),
+                    "config file {path} refused, nothing was changed:\n{}",
                     list.join("\n")
                 );
             }
-            Err(e) => bail!("config file {}: {e}", path.display()),
+            Err(e) => bail!("config file {path}: {e}"),
         }
     }
 
     listeners
         .serve_unix(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    let api_settings = appliance.store().api()?;
-    let bound = listeners
-        .bind_new(&api_settings.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (addr, listener) in bound {
-        listeners.serve_tcp(addr, listener);
+    // An address that cannot be bound (taken, or no longer on this machine) must not
+    // keep the appliance down: it still serves on the others and on the unix socket,
+    // where `basalt status` shows what it listens on.
+    for addr in appliance.store().api()?.listen {
+        match listeners.bind_new(&[addr]).await {
+            Ok(bound) => {
+                for (addr, listener) in bound {
+                    listeners.serve_tcp(addr, listener);
+                }
+            }
+            Err(e) => tracing::error!("{e}; serving without it"),
+        }
     }
     print_banner(&data_dir, &listeners);
 
@@ -112,14 +150,19 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
+/// `path` made absolute and without `.` components, so that printed paths read well.
 fn absolute(path: &Path) -> Result<PathBuf> {
-    if path.is_absolute() {
-        Ok(path.to_path_buf())
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
     } else {
-        Ok(std::env::current_dir()
+        std::env::current_dir()
             .context("cannot read the current directory")?
-            .join(path))
-    }
+            .join(path)
+    };
+    Ok(joined
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect())
 }
 
 fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
@@ -155,10 +198,10 @@ fn print_banner(data_dir: &Path, listeners: &Listeners) {
         "  TLS cert: {}",
         rel(data_dir.join(security::TLS_DIR).join(security::CERT_FILE))
     );
-    println!(
-        "  CLI:      basalt --data-dir {} status",
-        data_dir.display()
-    );
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "basalt".to_string());
+    println!("  CLI:      {exe} --data-dir {} status", data_dir.display());
     if let Some(addr) = addrs.first() {
         println!(
             "  curl:     curl --cacert {} -H \"Authorization: Bearer $(cat {})\" https://{}/api/v1/status",
