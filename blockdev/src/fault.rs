@@ -57,8 +57,9 @@
 
 use crate::rng::SplitMix64;
 use crate::{
-    check_range, first_difference, AlignedBuf, BlockDev, BlockError, CompareOutcome, Extent,
-    ExtentKind, Geometry, RangeLocks, Result, SharedBlockDev, WriteFlags, ZeroFlags,
+    check_compare_and_write, check_range, first_difference, AlignedBuf, BlockDev, BlockError,
+    CompareOutcome, Extent, ExtentKind, Geometry, RangeLocks, Result, SharedBlockDev, WriteFlags,
+    ZeroFlags,
 };
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -717,15 +718,7 @@ impl BlockDev for FaultDev {
         data: Bytes,
         flags: WriteFlags,
     ) -> Result<CompareOutcome> {
-        if compare.len() != data.len() {
-            return Err(BlockError::InvalidRequest(format!(
-                "compare-and-write buffers differ in length: {} and {}",
-                compare.len(),
-                data.len()
-            )));
-        }
-        let len = data.len() as u64;
-        check_range(&self.geometry, offset, len)?;
+        let len = check_compare_and_write(&self.geometry, offset, &compare, &data)?;
         self.check_writable()?;
         let _gate = self.gate.read().await;
         self.enter(Access::Read).await?;

@@ -234,6 +234,26 @@ pub fn check_range(geometry: &Geometry, offset: u64, len: u64) -> Result<()> {
     }
 }
 
+/// Checks a compare-and-write request: both buffers of one length, a block-aligned
+/// range inside the device. Returns the length in bytes.
+pub fn check_compare_and_write(
+    geometry: &Geometry,
+    offset: u64,
+    compare: &[u8],
+    data: &[u8],
+) -> Result<u64> {
+    if compare.len() != data.len() {
+        return Err(BlockError::InvalidRequest(format!(
+            "compare-and-write buffers differ in length: {} and {}",
+            compare.len(),
+            data.len()
+        )));
+    }
+    let len = data.len() as u64;
+    check_range(geometry, offset, len)?;
+    Ok(len)
+}
+
 /// Returns the offset of the first byte where `a` and `b` differ, if any.
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
     a.iter().zip(b).position(|(x, y)| x != y).map(|p| p as u64)

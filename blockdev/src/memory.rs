@@ -14,8 +14,8 @@
 //! crashes.
 
 use crate::{
-    check_range, first_difference, AlignedBuf, BlockDev, BlockError, Capabilities, CompareOutcome,
-    Extent, ExtentKind, Geometry, Result, WriteFlags, ZeroFlags,
+    check_compare_and_write, check_range, first_difference, AlignedBuf, BlockDev, BlockError,
+    Capabilities, CompareOutcome, Extent, ExtentKind, Geometry, Result, WriteFlags, ZeroFlags,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -211,14 +211,7 @@ impl BlockDev for MemDev {
         data: Bytes,
         _flags: WriteFlags,
     ) -> Result<CompareOutcome> {
-        if compare.len() != data.len() {
-            return Err(BlockError::InvalidRequest(format!(
-                "compare-and-write buffers differ in length: {} and {}",
-                compare.len(),
-                data.len()
-            )));
-        }
-        check_range(&self.geometry, offset, data.len() as u64)?;
+        check_compare_and_write(&self.geometry, offset, &compare, &data)?;
         self.check_writable()?;
         let mut chunks = self.chunks_write();
         let mut current = vec![0u8; compare.len()];

@@ -3,8 +3,9 @@
 use super::driver::{Completion, Driver, DriverGone, DriverStats, Op, WriteBuf};
 use super::{sys, DirectMode, OpenError, UringOptions};
 use crate::{
-    check_range, first_difference, AlignedBuf, BlockDev, BlockError, Capabilities, CompareOutcome,
-    Geometry, OwnedRangeGuard, RangeLocks, Result, WriteFlags, ZeroFlags,
+    check_compare_and_write, check_range, first_difference, AlignedBuf, BlockDev, BlockError,
+    Capabilities, CompareOutcome, Geometry, OwnedRangeGuard, RangeLocks, Result, WriteFlags,
+    ZeroFlags,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -445,15 +446,7 @@ impl BlockDev for UringFile {
         data: Bytes,
         flags: WriteFlags,
     ) -> Result<CompareOutcome> {
-        if compare.len() != data.len() {
-            return Err(BlockError::InvalidRequest(format!(
-                "compare-and-write buffers differ in length: {} and {}",
-                compare.len(),
-                data.len()
-            )));
-        }
-        let len = data.len() as u64;
-        check_range(&self.geometry, offset, len)?;
+        let len = check_compare_and_write(&self.geometry, offset, &compare, &data)?;
         self.check_writable()?;
         if len == 0 {
             return Ok(CompareOutcome::Written);
