@@ -10,38 +10,63 @@ profile="${1:-build}"
 
 build_pkgs=(clang libclang-dev make pkg-config git curl ca-certificates)
 # Real peers of the test suite: promtool and a Prometheus server (metrics), curl (an
-# independent HTTPS client), losetup (block-device disks), fio.
-test_pkgs=(prometheus curl util-linux fio)
-bench_pkgs=(fio)
+# independent HTTPS client), losetup (block-device disks), fio, libiscsi's tools
+# (iscsi-test-cu, iscsi-ls, iscsi-perf) and qemu-img's iscsi driver (qemu-block-extra,
+# which must match qemu-utils 10 from bookworm-backports).
+test_pkgs=(prometheus curl util-linux fio libiscsi-bin)
+backports_test_pkgs=(qemu-block-extra)
+# Baselines of the benchmarks: fio, tgt (iSCSI).
+bench_pkgs=(fio tgt libiscsi-bin)
 
+backports=()
 case "$profile" in
   build) want=("${build_pkgs[@]}") ;;
-  test) want=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;
-  bench) want=("${build_pkgs[@]}" "${bench_pkgs[@]}") ;;
+  test) want=("${build_pkgs[@]}" "${test_pkgs[@]}"); backports=("${backports_test_pkgs[@]}") ;;
+  bench) want=("${build_pkgs[@]}" "${bench_pkgs[@]}"); backports=("${backports_test_pkgs[@]}") ;;
   *) echo "usage: $0 build|test|bench" >&2; exit 2 ;;
 esac
 
-missing=()
-for pkg in "${want[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$pkg")
-  fi
-done
-if [ ${#missing[@]} -eq 0 ]; then
+missing_of() {
+  local pkg
+  for pkg in "$@"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+      echo "$pkg"
+    fi
+  done
+}
+mapfile -t missing < <(missing_of "${want[@]}")
+mapfile -t missing_bp < <(missing_of "${backports[@]}")
+if [ ${#missing[@]} -eq 0 ] && [ ${#missing_bp[@]} -eq 0 ]; then
   exit 0
 fi
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null; then sudo="sudo"; else
-    echo "need root to install: ${missing[*]}" >&2; exit 1
+    echo "need root to install: ${missing[*]} ${missing_bp[*]}" >&2; exit 1
   fi
 fi
-
-echo "Installing missing packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
+
 # Try without refreshing the package lists first; refresh only if that fails.
-if ! $sudo apt-get install -y --no-install-recommends "${missing[@]}"; then
-  $sudo apt-get update
-  $sudo apt-get install -y --no-install-recommends "${missing[@]}"
+install() {
+  if ! $sudo apt-get install -y --no-install-recommends "$@"; then
+    $sudo apt-get update
+    $sudo apt-get install -y --no-install-recommends "$@"
+  fi
+}
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "Installing missing packages: ${missing[*]}"
+  install "${missing[@]}"
+fi
+if [ ${#missing_bp[@]} -gt 0 ]; then
+  codename="$(. /etc/os-release && echo "$VERSION_CODENAME")"
+  list=/etc/apt/sources.list.d/backports.list
+  if ! grep -qs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null; then
+    echo "deb http://deb.debian.org/debian ${codename}-backports main" | $sudo tee "$list" >/dev/null
+    $sudo apt-get update
+  fi
+  echo "Installing missing packages from ${codename}-backports: ${missing_bp[*]}"
+  install -t "${codename}-backports" "${missing_bp[@]}"
 fi

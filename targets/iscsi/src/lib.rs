@@ -1,3 +1,31 @@
-//! The iSCSI target (RFC 7143): PDU framing, login and negotiation, sessions and
-//! connections, on the SCSI core; a sans-IO protocol core and a thin tokio driver.
-//! Nothing is implemented yet.
+//! The iSCSI target (RFC 7143) on the Basalt SCSI core.
+//!
+//! - [`pdu`]: framing, `check` then `parse`, bounded lengths, CRC32C digests.
+//! - [`text`]: key=value lists.
+//! - [`conn`]: the sans-IO connection: login (CHAP, mutual CHAP, negotiation),
+//!   discovery, the SCSI command flow (immediate and unsolicited data, R2T, Data-In
+//!   with status piggy-backing, residuals), task management, NOP, logout. ERL 0, one
+//!   connection per session.
+//! - [`catalog`]: what a connection asks of the configuration (ACLs, CHAP, LUN maps).
+//! - [`config`]: the typed, serde configuration the daemon persists.
+//! - [`server`]: the thin tokio driver ([`IscsiServer`]): portals, connections,
+//!   run-time reconfiguration, stop.
+//! - [`metrics`]: per target and LUN counters as plain data.
+//!
+//! The design notes are in `DESIGN.md` beside this crate; conformance results in
+//! `CONFORMANCE.md`.
+
+#![deny(missing_docs)]
+
+pub mod catalog;
+pub mod config;
+pub mod conn;
+pub mod metrics;
+pub mod pdu;
+pub mod server;
+pub mod text;
+
+pub use config::{Acl, Chap, IscsiConfig, LunMapping, TargetConfig};
+pub use conn::{ConnConfig, Connection, Event};
+pub use metrics::MetricsSnapshot;
+pub use server::{IscsiServer, LunHandle, ServerError};

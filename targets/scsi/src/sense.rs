@@ -202,7 +202,9 @@ mod tests {
         assert_eq!(b[2], 0xe);
         assert_eq!(&b[3..7], &[0, 0, 0x12, 0x34]);
         assert_eq!((b[12], b[13]), (0x1d, 0));
-        let s = Sense::INVALID_FIELD_IN_CDB.with_field(true, 1, Some(4)).to_fixed();
+        let s = Sense::INVALID_FIELD_IN_CDB
+            .with_field(true, 1, Some(4))
+            .to_fixed();
         assert_eq!(s[15], 0x80 | 0x40 | 0x08 | 4);
         assert_eq!(&s[16..18], &[0, 1]);
     }
