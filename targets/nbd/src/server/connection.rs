@@ -1,0 +1,509 @@
+//! One connection: the handshake (with the TLS upgrade), then the transmission phase.
+//!
+//! The transmission driver is one task per connection that polls three things in turn
+//! until none makes progress: completed commands (encoded into the output queue),
+//! the socket for writing (one vectored write carries every reply that is ready, so
+//! replies to pipelined requests share system calls), and the socket for reading (one
+//! read may carry many requests; each whole request is decoded and its command started
+//! at once, so many run concurrently and finish in any order). Replies go out in
+//! completion order, as the protocol allows.
+//!
+//! Memory is bounded per connection: no more than `max_in_flight` commands, no more
+//! than [`MAX_INFLIGHT_BYTES`] of read and write payload in flight, and no more than
+//! [`MAX_QUEUED_OUTPUT`] of replies waiting for the socket; while any bound is reached
+//! the driver stops reading requests (TCP flow control then stops the client). The
+//! input buffer holds at most one maximal request plus one read.
+
+use super::exec::{self, Completion};
+use super::{ExportHandle, PeerCatalog, Shared};
+use crate::errno::NbdErrno;
+use crate::handshake::{Handshake, HandshakeEvent, Negotiated};
+use crate::transmission::{check_request, CheckError, Command, CommandKind, Decoded, Session};
+use crate::wire::Output;
+use bytes::BytesMut;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// Read and write payload in flight per connection before the driver stops reading.
+pub(crate) const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+/// Reply bytes queued for the socket before the driver stops reading.
+pub(crate) const MAX_QUEUED_OUTPUT: usize = 32 << 20;
+/// Bytes asked of each socket read (more when one request needs more).
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Signals a connection listens to.
+#[derive(Clone)]
+pub(crate) struct Signals {
+    /// Graceful stop: finish what is in flight, refuse the rest, close.
+    pub(crate) stop: CancellationToken,
+    /// Hard stop: drop everything now.
+    pub(crate) kill: CancellationToken,
+}
+
+/// Serves one accepted TCP connection to its end.
+pub(crate) async fn serve(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    signals: Signals,
+) {
+    let _ = stream.set_nodelay(true);
+    let kill = signals.kill.clone();
+    tokio::select! {
+        _ = kill.cancelled() => {}
+        _ = serve_inner(stream, peer, &shared, &signals) => {}
+    }
+}
+
+enum Phase2 {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+async fn serve_inner(
+    mut tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    signals: &Signals,
+) {
+    let state = shared.current();
+    let policy = state.tls_policy();
+    let acceptor = state.tls.clone();
+    let timeout = Duration::from_secs(state.config.handshake_timeout_secs.max(1));
+    drop(state);
+    let mut hs = Handshake::new(policy);
+    let mut inbuf = BytesMut::with_capacity(16 * 1024);
+    let counters = &shared.counters;
+
+    let negotiated = tokio::time::timeout(timeout, async {
+        match negotiate(&mut tcp, &mut hs, &mut inbuf, peer, shared, signals).await? {
+            HandshakeEvent::StartTls => {
+                if !inbuf.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "client sent data before the TLS handshake",
+                    ));
+                }
+                let acceptor = acceptor.ok_or_else(|| io::Error::other("no TLS configuration"))?;
+                let mut tls = acceptor.accept(tcp).await?;
+                counters.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+                hs.tls_established();
+                let ev = negotiate(&mut tls, &mut hs, &mut inbuf, peer, shared, signals).await?;
+                Ok((ev, Phase2::Tls(Box::new(tls))))
+            }
+            ev => Ok((ev, Phase2::Plain(tcp))),
+        }
+    })
+    .await;
+
+    let (ev, io) = match negotiated {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "NBD handshake failed");
+            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "NBD handshake timed out");
+            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let neg = match ev {
+        HandshakeEvent::Go(neg) => neg,
+        HandshakeEvent::Abort => {
+            close(io).await;
+            return;
+        }
+        HandshakeEvent::Refuse(e) => {
+            tracing::debug!(%peer, error = %e, "NBD handshake refused");
+            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            close(io).await;
+            return;
+        }
+        HandshakeEvent::StartTls => {
+            // The core refuses a second STARTTLS, so this cannot happen; close.
+            counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let Some(export) = shared.current().exports.get(&neg.export.name).cloned() else {
+        // Removed between the handshake and now.
+        close(io).await;
+        return;
+    };
+    let max_in_flight = shared.current().config.max_in_flight.max(1);
+    tracing::debug!(%peer, export = %neg.export.name, tls = neg.tls, structured = neg.structured, "NBD transmission");
+    let result = match io {
+        Phase2::Plain(s) => transmit(s, inbuf, &neg, &export, peer, max_in_flight, signals).await,
+        Phase2::Tls(s) => transmit(*s, inbuf, &neg, &export, peer, max_in_flight, signals).await,
+    };
+    if let Err(e) = result {
+        if e.kind() == io::ErrorKind::InvalidData {
+            counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(%peer, error = %e, "NBD connection ended");
+    }
+}
+
+async fn close(io: Phase2) {
+    match io {
+        Phase2::Plain(mut s) => {
+            let _ = s.shutdown().await;
+        }
+        Phase2::Tls(mut s) => {
+            let _ = s.shutdown().await;
+        }
+    }
+}
+
+/// Runs the handshake on `io` until it produces an event, feeding it what the client
+/// sends and sending what it answers.
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    hs: &mut Handshake,
+    inbuf: &mut BytesMut,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    signals: &Signals,
+) -> io::Result<HandshakeEvent> {
+    let mut shutting_down = false;
+    loop {
+        let state = shared.current();
+        let catalog = PeerCatalog::new(&state, peer.ip());
+        let ev = hs.handle_input(inbuf, &catalog);
+        drop(state);
+        if let Some(out) = hs.poll_transmit() {
+            io.write_all(&out).await?;
+        }
+        io.flush().await?;
+        if let Some(ev) = ev {
+            return Ok(ev);
+        }
+        if inbuf.capacity() - inbuf.len() < 4096 {
+            inbuf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            n = io.read_buf(inbuf) => {
+                if n? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            _ = signals.stop.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                hs.begin_shutdown();
+            }
+        }
+    }
+}
+
+/// A command that finished, with what its reply and its counters need.
+struct Done {
+    handle: u64,
+    kind: CommandKind,
+    started: Instant,
+    /// Payload bytes held while in flight (read length or write payload).
+    cost: u64,
+    /// Bytes the command covers, for the counters.
+    bytes: u64,
+    completion: Completion,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+struct Driver<S> {
+    io: S,
+    inbuf: BytesMut,
+    out: Output,
+    inflight: FuturesUnordered<Pending>,
+    inflight_bytes: u64,
+    max_in_flight: usize,
+    session: Session,
+    export: Arc<ExportHandle>,
+    /// No more requests are read: stopping, DISC received, or EOF.
+    draining: bool,
+    eof: bool,
+    needs_flush: bool,
+}
+
+async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    inbuf: BytesMut,
+    neg: &Negotiated,
+    export: &Arc<ExportHandle>,
+    peer: SocketAddr,
+    max_in_flight: usize,
+    signals: &Signals,
+) -> io::Result<()> {
+    let conn = export.register(peer.ip());
+    export.metrics.connected();
+    let _guard = ConnGuard {
+        export: export.clone(),
+        id: conn.0,
+    };
+    let mut d = Driver {
+        io,
+        inbuf,
+        out: Output::new(),
+        inflight: FuturesUnordered::new(),
+        inflight_bytes: 0,
+        max_in_flight,
+        session: Session::new(neg),
+        export: export.clone(),
+        draining: false,
+        eof: false,
+        needs_flush: false,
+    };
+    let result = loop {
+        tokio::select! {
+            r = poll_fn(|cx| d.poll(cx)) => break r,
+            _ = drain_signal(&signals.stop, &export.cancel, &conn.1), if !d.draining => {
+                d.draining = true;
+            }
+        }
+    };
+    if result.is_ok() {
+        let _ = d.io.shutdown().await;
+    }
+    result
+}
+
+/// Unregisters a connection from its export when it ends, however it ends.
+struct ConnGuard {
+    export: Arc<ExportHandle>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.export.unregister(self.id);
+        self.export.metrics.disconnected();
+    }
+}
+
+async fn drain_signal(a: &CancellationToken, b: &CancellationToken, c: &CancellationToken) {
+    tokio::select! {
+        _ = a.cancelled() => {}
+        _ = b.cancelled() => {}
+        _ = c.cancelled() => {}
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
+    fn can_accept(&self) -> bool {
+        !self.draining
+            && self.inflight.len() < self.max_in_flight
+            && self.inflight_bytes < MAX_INFLIGHT_BYTES
+            && self.out.len() < MAX_QUEUED_OUTPUT
+    }
+
+    /// Drives the connection until it is done (`Ready(Ok)`) or fails.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Yield now and then so one busy connection cannot starve others on the worker.
+        for _ in 0..128 {
+            let mut progress = false;
+
+            while let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
+                self.finish(done);
+                progress = true;
+            }
+
+            while !self.out.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 64];
+                let n = self.out.io_slices(&mut slices);
+                match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(w)) => {
+                        self.out.advance(w);
+                        self.needs_flush = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if self.needs_flush && self.out.is_empty() {
+                match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.needs_flush = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+
+            if self.draining {
+                // Requests already received but not started are refused.
+                loop {
+                    match self.session.decode(&mut self.inbuf) {
+                        Ok(Some(Decoded::Request(r))) => {
+                            let kind = r.command.kind();
+                            self.session.reply_error(
+                                &mut self.out,
+                                r.handle,
+                                NbdErrno::Shutdown,
+                                "server shutting down",
+                            );
+                            self.export.metrics.command(kind, Duration::ZERO, 0, false);
+                            progress = true;
+                        }
+                        Ok(Some(Decoded::Reject { handle, kind, .. })) => {
+                            self.session.reply_error(
+                                &mut self.out,
+                                handle,
+                                NbdErrno::Shutdown,
+                                "server shutting down",
+                            );
+                            self.export.metrics.command(kind, Duration::ZERO, 0, false);
+                            progress = true;
+                        }
+                        Ok(Some(Decoded::Disconnect)) => progress = true,
+                        Ok(None) | Err(_) => {
+                            self.inbuf.clear();
+                            break;
+                        }
+                    }
+                }
+                if self.inflight.is_empty() && self.out.is_empty() && !self.needs_flush {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+
+            while self.can_accept() {
+                match self.session.decode(&mut self.inbuf) {
+                    Ok(Some(d)) => {
+                        self.start(d);
+                        progress = true;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
+                    }
+                }
+            }
+
+            if self.can_accept() && !self.eof {
+                let want = match check_request(&self.inbuf) {
+                    Err(CheckError::Incomplete(n)) => n.max(READ_CHUNK),
+                    _ => READ_CHUNK,
+                };
+                if self.inbuf.capacity() - self.inbuf.len() < want / 2 {
+                    self.inbuf.reserve(want);
+                }
+                match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.inbuf) {
+                    Poll::Ready(Ok(0)) => {
+                        // The client closed its side: finish what is in flight, then
+                        // close (a hard disconnect by the client).
+                        self.eof = true;
+                        self.draining = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn start(&mut self, d: Decoded) {
+        match d {
+            Decoded::Disconnect => self.draining = true,
+            Decoded::Reject {
+                handle,
+                kind,
+                errno,
+                message,
+            } => {
+                self.session
+                    .reply_error(&mut self.out, handle, errno, message);
+                self.export.metrics.command(kind, Duration::ZERO, 0, false);
+            }
+            Decoded::Request(r) => {
+                let kind = r.command.kind();
+                let cost = match &r.command {
+                    Command::Read { len, .. } => u64::from(*len),
+                    Command::Write { data, .. } => data.len() as u64,
+                    _ => 0,
+                };
+                let bytes = match &r.command {
+                    Command::Read { len, .. }
+                    | Command::Trim { len, .. }
+                    | Command::WriteZeroes { len, .. }
+                    | Command::Cache { len, .. }
+                    | Command::BlockStatus { len, .. } => u64::from(*len),
+                    Command::Write { data, .. } => data.len() as u64,
+                    Command::Flush => 0,
+                };
+                self.inflight_bytes += cost;
+                let dev = self.export.device.clone();
+                let read_only = self.export.read_only.load(Ordering::Relaxed);
+                let handle = r.handle;
+                let started = Instant::now();
+                self.inflight.push(Box::pin(async move {
+                    let completion = exec::execute(dev, r.command, read_only).await;
+                    Done {
+                        handle,
+                        kind,
+                        started,
+                        cost,
+                        bytes,
+                        completion,
+                    }
+                }));
+            }
+        }
+    }
+
+    fn finish(&mut self, d: Done) {
+        self.inflight_bytes -= d.cost;
+        let (ok, bytes) = match d.completion {
+            Completion::Ok => {
+                self.session.reply_ok(&mut self.out, d.handle);
+                (true, d.bytes)
+            }
+            Completion::Read { offset, pieces, df } => {
+                self.session
+                    .reply_read(&mut self.out, d.handle, offset, &pieces, df);
+                (true, d.bytes)
+            }
+            Completion::Status {
+                offset,
+                len,
+                req_one,
+                start,
+                extents,
+            } => {
+                self.session.reply_block_status(
+                    &mut self.out,
+                    d.handle,
+                    (offset, len, req_one),
+                    start,
+                    &extents,
+                );
+                (true, d.bytes)
+            }
+            Completion::Err(errno, msg) => {
+                self.session
+                    .reply_error(&mut self.out, d.handle, errno, &msg);
+                (false, 0)
+            }
+        };
+        self.export
+            .metrics
+            .command(d.kind, d.started.elapsed(), bytes, ok);
+    }
+}
