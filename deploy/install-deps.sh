@@ -8,13 +8,14 @@ set -euo pipefail
 
 profile="${1:-build}"
 
-build_pkgs=(clang libclang-dev make pkg-config git curl ca-certificates)
+build_pkgs=(clang libclang-dev make pkg-config git curl ca-certificates libiscsi-dev)
 # Real peers of the test suite: promtool and a Prometheus server (metrics), curl (an
 # independent HTTPS client), losetup (block-device disks), fio, libiscsi's tools
 # (iscsi-test-cu, iscsi-ls, iscsi-perf), libnbd's (nbdinfo, nbdcopy), qemu-img, and
 # qemu-img's iscsi driver (qemu-block-extra,
-# which must match qemu-utils 10 from bookworm-backports).
-test_pkgs=(prometheus curl util-linux fio libiscsi-bin libnbd-bin qemu-utils)
+# which must match qemu-utils 10 from bookworm-backports), tgt (a second iSCSI target
+# for the initiator's tests).
+test_pkgs=(prometheus curl util-linux fio libiscsi-bin libnbd-bin qemu-utils tgt)
 backports_test_pkgs=(qemu-block-extra)
 # Baselines of the benchmarks: fio, tgt (iSCSI), nbdkit and qemu-nbd (NBD).
 bench_pkgs=(fio tgt libiscsi-bin nbdkit libnbd-bin qemu-utils)
