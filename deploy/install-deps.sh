@@ -14,11 +14,15 @@ build_pkgs=(clang libclang-dev make pkg-config git curl ca-certificates libiscsi
 # (iscsi-test-cu, iscsi-ls, iscsi-perf), libnbd's (nbdinfo, nbdcopy), qemu-img, and
 # qemu-img's iscsi driver (qemu-block-extra,
 # which must match qemu-utils 10 from bookworm-backports), tgt (a second iSCSI target
-# for the initiator's tests).
-test_pkgs=(prometheus curl util-linux fio libiscsi-bin libnbd-bin qemu-utils tgt)
+# for the initiator's tests), and the network peers of the vSwitch tests (ip, ping,
+# iperf3, tshark).
+test_pkgs=(prometheus curl util-linux fio libiscsi-bin libnbd-bin qemu-utils tgt
+  iproute2 iputils-ping iperf3 tshark)
 backports_test_pkgs=(qemu-block-extra)
-# Baselines of the benchmarks: fio, tgt (iSCSI), nbdkit and qemu-nbd (NBD).
-bench_pkgs=(fio tgt libiscsi-bin nbdkit libnbd-bin qemu-utils)
+# Baselines of the benchmarks: fio, tgt (iSCSI), nbdkit and qemu-nbd (NBD), Open vSwitch
+# (userspace datapath) and iperf3.
+bench_pkgs=(fio tgt libiscsi-bin nbdkit libnbd-bin qemu-utils openvswitch-switch ethtool
+  iproute2 iputils-ping iperf3)
 
 backports=()
 case "$profile" in
