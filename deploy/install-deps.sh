@@ -15,14 +15,14 @@ build_pkgs=(clang libclang-dev make pkg-config git curl ca-certificates libiscsi
 # qemu-img's iscsi driver (qemu-block-extra,
 # which must match qemu-utils 10 from bookworm-backports), tgt (a second iSCSI target
 # for the initiator's tests), and the network peers of the vSwitch tests (ip, ping,
-# iperf3, tshark).
+# iperf3, tshark), and ISA-L (libisal2) as the independent check of RAID6 parity.
 test_pkgs=(prometheus curl util-linux fio libiscsi-bin libnbd-bin qemu-utils tgt
-  iproute2 iputils-ping iperf3 tshark)
+  iproute2 iputils-ping iperf3 tshark libisal2)
 backports_test_pkgs=(qemu-block-extra)
 # Baselines of the benchmarks: fio, tgt (iSCSI), nbdkit and qemu-nbd (NBD), Open vSwitch
 # (userspace datapath) and iperf3.
 bench_pkgs=(fio tgt libiscsi-bin nbdkit libnbd-bin qemu-utils openvswitch-switch ethtool
-  iproute2 iputils-ping iperf3)
+  iproute2 iputils-ping iperf3 libisal2)
 
 backports=()
 case "$profile" in
