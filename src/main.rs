@@ -44,6 +44,9 @@ enum Command {
     /// Export or apply the whole desired state.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage virtual switches.
+    #[command(subcommand)]
+    Switch(cli::switch::SwitchCommand),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status => cli::status(&client, &cli.client).await,
         Command::Disk(cmd) => cli::disk(&client, &cli.client, cmd).await,
         Command::Config(cmd) => cli::config(&client, &cli.client, cmd).await,
+        Command::Switch(cmd) => cli::switch::run(&client, &cli.client, cmd).await,
     }
 }
 

@@ -9,13 +9,24 @@
 
 use crate::api::types::{DiskInfo, DiskState};
 use basalt_blockdev::{IoKind, IoStatsSnapshot, LATENCY_BUCKETS_SECONDS};
+use basalt_net::{DropReason, PortCountersSnapshot};
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// What the appliance's subsystems report at scrape time.
+#[derive(Default)]
+pub struct Inputs {
+    /// Disks with their I/O counters.
+    pub disks: Vec<(DiskInfo, IoStatsSnapshot)>,
+    /// Switches with their per-port counters.
+    pub switches: Vec<(String, BTreeMap<String, PortCountersSnapshot>)>,
+}
 
 /// The daemon's metrics.
 pub struct Metrics {
@@ -83,9 +94,10 @@ impl Metrics {
     }
 
     /// Renders every metric in the text exposition format.
-    pub fn render(&self, disks: &[(DiskInfo, IoStatsSnapshot)]) -> String {
+    pub fn render(&self, input: &Inputs) -> String {
         let mut families = self.registry.gather();
-        families.extend(disk_families(disks));
+        families.extend(disk_families(&input.disks));
+        families.extend(switch_families(&input.switches));
         let mut out = Vec::new();
         if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
@@ -329,6 +341,69 @@ fn disk_families(disks: &[(DiskInfo, IoStatsSnapshot)]) -> Vec<MetricFamily> {
     f
 }
 
+fn switch_families(
+    switches: &[(String, BTreeMap<String, PortCountersSnapshot>)],
+) -> Vec<MetricFamily> {
+    if switches.is_empty() {
+        return Vec::new();
+    }
+    let ports = || {
+        switches.iter().flat_map(|(sw, ports)| {
+            ports
+                .iter()
+                .map(move |(port, c)| (sw.as_str(), port.as_str(), c))
+        })
+    };
+    let per_port = |name: &str, help: &str, value: fn(&PortCountersSnapshot) -> u64| {
+        family(
+            name,
+            help,
+            MetricType::COUNTER,
+            ports()
+                .map(|(sw, port, c)| counter(&[("switch", sw), ("port", port)], value(c) as f64))
+                .collect(),
+        )
+    };
+    let mut drops = Vec::new();
+    for (sw, port, c) in ports() {
+        for reason in DropReason::ALL {
+            let n = c.drops.get(reason.label()).copied().unwrap_or(0);
+            drops.push(counter(
+                &[("switch", sw), ("port", port), ("reason", reason.label())],
+                n as f64,
+            ));
+        }
+    }
+    vec![
+        per_port(
+            "basalt_switch_port_received_packets_total",
+            "Frames the switch received from the port.",
+            |c| c.rx_packets,
+        ),
+        per_port(
+            "basalt_switch_port_received_bytes_total",
+            "Bytes the switch received from the port.",
+            |c| c.rx_bytes,
+        ),
+        per_port(
+            "basalt_switch_port_sent_packets_total",
+            "Frames the switch sent to the port.",
+            |c| c.tx_packets,
+        ),
+        per_port(
+            "basalt_switch_port_sent_bytes_total",
+            "Bytes the switch sent to the port.",
+            |c| c.tx_bytes,
+        ),
+        family(
+            "basalt_switch_port_dropped_packets_total",
+            "Frames dropped at the port, by reason.",
+            MetricType::COUNTER,
+            drops,
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,7 +427,23 @@ mod tests {
             state: DiskState::Online,
             error: None,
         };
-        let text = m.render(&[(info, stats.snapshot())]);
+        let mut port = PortCountersSnapshot {
+            rx_packets: 3,
+            ..Default::default()
+        };
+        port.drops.insert("vlan".into(), 2);
+        let inputs = Inputs {
+            disks: vec![(info, stats.snapshot())],
+            switches: vec![("vs0".into(), BTreeMap::from([("vm1".to_string(), port)]))],
+        };
+        let text = m.render(&inputs);
+        assert!(
+            text.contains(
+                "basalt_switch_port_received_packets_total{switch=\"vs0\",port=\"vm1\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("basalt_switch_port_dropped_packets_total{switch=\"vs0\",port=\"vm1\",reason=\"vlan\"} 2"), "{text}");
         assert!(
             text.contains("basalt_disk_reads_completed_total{disk=\"d0\"} 1"),
             "{text}"

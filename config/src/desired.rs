@@ -28,6 +28,116 @@ pub struct DesiredState {
     pub api: ApiSettings,
     /// Disks the appliance uses, in name order.
     pub disks: Vec<DiskSpec>,
+    /// Sections the subsystems parse (pools, LUNs, switches, targets, lockspaces).
+    pub sections: Sections,
+}
+
+/// A section of the document that a subsystem parses into its own types: kept here as a
+/// TOML table with the line it starts on, so that the daemon can name the line when the
+/// subsystem refuses it. This crate checks only the section's shape (a table, with a
+/// valid `name` where the section is a list).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Section {
+    /// The section's keys and values.
+    pub table: toml::Table,
+    /// The line of the document the section starts on.
+    #[serde(skip)]
+    pub line: Option<usize>,
+}
+
+impl PartialEq for Section {
+    /// Equality of what is declared; where it was declared does not matter.
+    fn eq(&self, other: &Self) -> bool {
+        self.table == other.table
+    }
+}
+impl Eq for Section {}
+
+impl Section {
+    /// The section's `name`, for sections that are lists of named objects.
+    pub fn name(&self) -> Option<&str> {
+        self.table.get("name").and_then(|v| v.as_str())
+    }
+}
+
+/// The subsystem sections, in the order the document lists them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sections {
+    /// `[[pool]]`: RAID arrays with their thin pools.
+    pub pool: Vec<Section>,
+    /// `[[lun]]`: LUNs carved from pools.
+    pub lun: Vec<Section>,
+    /// `[[switch]]`: virtual switch definitions.
+    pub switch: Vec<Section>,
+    /// `[[lockspace]]`: cluster lockspaces this host joins.
+    pub lockspace: Vec<Section>,
+    /// `[iscsi]`: the iSCSI target configuration.
+    pub iscsi: Option<Section>,
+    /// `[nbd]`: the NBD server configuration.
+    pub nbd: Option<Section>,
+}
+
+/// Kinds of the named sections, as used in store keys and messages.
+pub const NAMED_SECTIONS: [&str; 4] = ["pool", "lun", "switch", "lockspace"];
+/// Kinds of the singleton sections.
+pub const SINGLE_SECTIONS: [&str; 2] = ["iscsi", "nbd"];
+
+impl Sections {
+    /// The named sections of one kind.
+    pub fn named(&self, kind: &str) -> &[Section] {
+        match kind {
+            "pool" => &self.pool,
+            "lun" => &self.lun,
+            "switch" => &self.switch,
+            "lockspace" => &self.lockspace,
+            _ => &[],
+        }
+    }
+
+    /// The named sections of one kind, to change.
+    pub fn named_mut(&mut self, kind: &str) -> Option<&mut Vec<Section>> {
+        match kind {
+            "pool" => Some(&mut self.pool),
+            "lun" => Some(&mut self.lun),
+            "switch" => Some(&mut self.switch),
+            "lockspace" => Some(&mut self.lockspace),
+            _ => None,
+        }
+    }
+
+    /// A singleton section.
+    pub fn single(&self, kind: &str) -> Option<&Section> {
+        match kind {
+            "iscsi" => self.iscsi.as_ref(),
+            "nbd" => self.nbd.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// A singleton section, to change.
+    pub fn single_mut(&mut self, kind: &str) -> Option<&mut Option<Section>> {
+        match kind {
+            "iscsi" => Some(&mut self.iscsi),
+            "nbd" => Some(&mut self.nbd),
+            _ => None,
+        }
+    }
+
+    /// Every section keyed as the store keys it: `kind/name` or `kind`.
+    pub fn keyed(&self) -> std::collections::BTreeMap<String, &Section> {
+        let mut out = std::collections::BTreeMap::new();
+        for kind in NAMED_SECTIONS {
+            for s in self.named(kind) {
+                out.insert(format!("{kind}/{}", s.name().unwrap_or_default()), s);
+            }
+        }
+        for kind in SINGLE_SECTIONS {
+            if let Some(s) = self.single(kind) {
+                out.insert(kind.to_string(), s);
+            }
+        }
+        out
+    }
 }
 
 /// Appliance-wide settings.
@@ -105,6 +215,7 @@ impl Default for DesiredState {
             },
             api: ApiSettings::default(),
             disks: Vec::new(),
+            sections: Sections::default(),
         }
     }
 }
@@ -200,6 +311,18 @@ struct Document {
     api: Option<ApiDoc>,
     #[serde(default)]
     disk: Vec<DiskDoc>,
+    #[serde(default)]
+    pool: Vec<Spanned<toml::Table>>,
+    #[serde(default)]
+    lun: Vec<Spanned<toml::Table>>,
+    #[serde(default)]
+    switch: Vec<Spanned<toml::Table>>,
+    #[serde(default)]
+    lockspace: Vec<Spanned<toml::Table>>,
+    #[serde(default)]
+    iscsi: Option<Spanned<toml::Table>>,
+    #[serde(default)]
+    nbd: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +510,51 @@ impl DesiredState {
         }
         state.disks.sort_by(|a, b| a.name.cmp(&b.name));
 
+        let section = |t: Spanned<toml::Table>| Section {
+            line: Some(line_col(source, t.span().start).0),
+            table: t.into_inner(),
+        };
+        let named = [
+            ("pool", doc.pool),
+            ("lun", doc.lun),
+            ("switch", doc.switch),
+            ("lockspace", doc.lockspace),
+        ];
+        for (kind, tables) in named {
+            let mut seen = HashSet::new();
+            let mut list = Vec::new();
+            for t in tables {
+                let sec = section(t);
+                match sec.table.get("name").map(|v| v.as_str()) {
+                    Some(Some(name)) => {
+                        if let Err(e) = check_name(name) {
+                            errors.push(ConfigError::on_line(sec.line, format!("{kind}: {e}")));
+                        } else if !seen.insert(name.to_string()) {
+                            errors.push(ConfigError::on_line(
+                                sec.line,
+                                format!("{kind} {name:?} is declared twice"),
+                            ));
+                        }
+                    }
+                    Some(None) => errors.push(ConfigError::on_line(
+                        sec.line,
+                        format!("{kind}: name must be a string"),
+                    )),
+                    None => errors.push(ConfigError::on_line(
+                        sec.line,
+                        format!("[[{kind}]] needs a name"),
+                    )),
+                }
+                list.push(sec);
+            }
+            list.sort_by(|a, b| a.name().cmp(&b.name()));
+            if let Some(slot) = state.sections.named_mut(kind) {
+                *slot = list;
+            }
+        }
+        state.sections.iscsi = doc.iscsi.map(section);
+        state.sections.nbd = doc.nbd.map(section);
+
         if errors.is_empty() {
             Ok(state)
         } else {
@@ -396,14 +564,27 @@ impl DesiredState {
     }
 
     /// Renders the document `from_toml` reads back to an equal state.
-    pub fn to_toml(&self) -> String {
+    pub fn to_toml<'a>(&'a self) -> String {
         #[derive(Serialize)]
         struct Out<'a> {
             version: u32,
             appliance: &'a ApplianceSettings,
             api: ApiOut,
             disk: &'a [DiskSpec],
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            pool: Vec<&'a toml::Table>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            lun: Vec<&'a toml::Table>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            switch: Vec<&'a toml::Table>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            lockspace: Vec<&'a toml::Table>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            iscsi: Option<&'a toml::Table>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            nbd: Option<&'a toml::Table>,
         }
+        let tables = |list: &'a [Section]| list.iter().map(|s| &s.table).collect::<Vec<_>>();
         #[derive(Serialize)]
         struct ApiOut {
             listen: Vec<String>,
@@ -415,6 +596,12 @@ impl DesiredState {
                 listen: self.api.listen.iter().map(|a| a.to_string()).collect(),
             },
             disk: &self.disks,
+            pool: tables(&self.sections.pool),
+            lun: tables(&self.sections.lun),
+            switch: tables(&self.sections.switch),
+            lockspace: tables(&self.sections.lockspace),
+            iscsi: self.sections.iscsi.as_ref().map(|s| &s.table),
+            nbd: self.sections.nbd.as_ref().map(|s| &s.table),
         };
         let body = match toml::to_string_pretty(&out) {
             Ok(body) => body,
@@ -545,6 +732,53 @@ size = "1G"
         );
         assert_eq!(e[0].line, Some(6), "{e:?}");
         assert!(e[0].message.contains("invalid size"), "{e:?}");
+    }
+
+    #[test]
+    fn sections_keep_their_lines_and_round_trip() {
+        let doc = r#"version = 1
+
+[[switch]]
+name = "vs0"
+uplinks = [{ name = "up0", interface = "eth1" }]
+
+[[pool]]
+name = "p1"
+raid = "raid6"
+
+[[pool]]
+name = "p0"
+raid = "raid1"
+disks = ["d0", "d1"]
+
+[iscsi]
+[[iscsi.targets]]
+iqn = "iqn.2026-11.io.basalt:t0"
+"#;
+        let s = DesiredState::from_toml(doc).unwrap();
+        assert_eq!(s.sections.pool.len(), 2);
+        assert_eq!(s.sections.pool[0].name(), Some("p0"));
+        assert_eq!(s.sections.pool[0].line, Some(11));
+        assert_eq!(s.sections.switch[0].line, Some(3));
+        assert!(s.sections.iscsi.is_some());
+        let again = DesiredState::from_toml(&s.to_toml()).unwrap();
+        assert_eq!(s, again);
+        assert_eq!(s.to_toml(), again.to_toml());
+    }
+
+    #[test]
+    fn sections_need_unique_valid_names() {
+        let e = errors("version = 1\n[[pool]]\nraid = \"raid5\"\n");
+        assert!(e[0].message.contains("[[pool]] needs a name"), "{e:?}");
+        assert_eq!(e[0].line, Some(2));
+        let e = errors("version = 1\n[[lun]]\nname = \"a\"\n[[lun]]\nname = \"a\"\n");
+        assert!(
+            e[0].message.contains("lun \"a\" is declared twice"),
+            "{e:?}"
+        );
+        assert_eq!(e[0].line, Some(4));
+        let e = errors("version = 1\n[[switch]]\nname = 5\n");
+        assert!(e[0].message.contains("name must be a string"), "{e:?}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod store;
 
 pub use desired::{
     check_name, ApiSettings, ApplianceSettings, ConfigError, ConfigErrors, DesiredState, DiskKind,
-    DiskSpec,
+    DiskSpec, Section, Sections,
 };
 pub use size::ByteSize;
 #[cfg(feature = "store")]

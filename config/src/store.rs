@@ -11,7 +11,7 @@
 //! Every change is one RocksDB write batch with a synced WAL, so an applied
 //! configuration is either entirely there after a crash or not at all.
 
-use crate::desired::{ApiSettings, ApplianceSettings, DesiredState, DiskSpec};
+use crate::desired::{ApiSettings, ApplianceSettings, DesiredState, DiskSpec, Section, Sections};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::{Path, PathBuf};
@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 const CF_META: &str = "meta";
 const CF_SETTINGS: &str = "settings";
 const CF_DISKS: &str = "disks";
-const COLUMN_FAMILIES: [&str; 3] = [CF_META, CF_SETTINGS, CF_DISKS];
+const CF_OBJECTS: &str = "objects";
+const COLUMN_FAMILIES: [&str; 4] = [CF_META, CF_SETTINGS, CF_DISKS, CF_OBJECTS];
 
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
 const KEY_APPLIANCE_ID: &[u8] = b"appliance_id";
@@ -82,17 +83,42 @@ pub struct Migration {
 }
 
 /// The schema's history, oldest first. The last entry's `to` is the current version.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    to: 1,
-    description: "initial layout: meta, settings and disks tables; appliance identity",
-    run: migrate_to_1,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        to: 1,
+        description: "initial layout: meta, settings and disks tables; appliance identity",
+        run: migrate_to_1,
+    },
+    Migration {
+        to: 2,
+        description: "objects table for pools, LUNs, switches, targets and lockspaces",
+        run: migrate_to_2,
+    },
+];
 
 fn migrate_to_1(db: &DB, batch: &mut WriteBatch) -> Result<()> {
     let meta = cf(db, CF_META)?;
     let id = uuid::Uuid::new_v4();
     batch.put_cf(meta, KEY_APPLIANCE_ID, id.to_string());
     batch.put_cf(meta, KEY_GENERATION, 0u64.to_be_bytes());
+    Ok(())
+}
+
+fn migrate_to_2(db: &DB, _batch: &mut WriteBatch) -> Result<()> {
+    // The column family is created when the store opens; the step only checks that it is
+    // there and empty, so that an older build's leftovers are never taken for objects.
+    let objects = cf(db, CF_OBJECTS)?;
+    if db
+        .iterator_cf(objects, rocksdb::IteratorMode::Start)
+        .next()
+        .is_some()
+    {
+        return Err(StoreError::Corrupt {
+            table: CF_OBJECTS,
+            key: String::new(),
+            reason: "objects exist before the table was introduced".to_string(),
+        });
+    }
     Ok(())
 }
 
@@ -122,6 +148,12 @@ pub struct Plan {
     pub appliance_changed: bool,
     /// The API settings change.
     pub api_changed: bool,
+    /// Sections added, by store key (`pool/p0`, `iscsi`).
+    pub add_sections: Vec<String>,
+    /// Sections removed, by store key.
+    pub remove_sections: Vec<String>,
+    /// Sections whose content changes, by store key.
+    pub change_sections: Vec<String>,
 }
 
 impl Plan {
@@ -132,6 +164,9 @@ impl Plan {
             && self.change_disks.is_empty()
             && !self.appliance_changed
             && !self.api_changed
+            && self.add_sections.is_empty()
+            && self.remove_sections.is_empty()
+            && self.change_sections.is_empty()
     }
 }
 
@@ -354,12 +389,40 @@ impl Store {
         Ok(self.get_json(CF_SETTINGS, KEY_API)?.unwrap_or_default())
     }
 
+    /// The subsystem sections as stored.
+    pub fn sections(&self) -> Result<Sections> {
+        let handle = cf(&self.db, CF_OBJECTS)?;
+        let mut sections = Sections::default();
+        for item in self.db.iterator_cf(handle, rocksdb::IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| self.db_err(e))?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let corrupt = |reason: String| StoreError::Corrupt {
+                table: CF_OBJECTS,
+                key: key.clone(),
+                reason,
+            };
+            let table: toml::Table =
+                serde_json::from_slice(&value).map_err(|e| corrupt(e.to_string()))?;
+            let section = Section { table, line: None };
+            let kind = key.split('/').next().unwrap_or_default();
+            if let Some(list) = sections.named_mut(kind) {
+                list.push(section);
+            } else if let Some(slot) = sections.single_mut(kind) {
+                *slot = Some(section);
+            } else {
+                return Err(corrupt(format!("unknown object kind {kind:?}")));
+            }
+        }
+        Ok(sections)
+    }
+
     /// The whole desired state as stored.
     pub fn desired_state(&self) -> Result<DesiredState> {
         Ok(DesiredState {
             appliance: self.appliance()?,
             api: self.api()?,
             disks: self.disks()?,
+            sections: self.sections()?,
         })
     }
 
@@ -383,6 +446,19 @@ impl Store {
                 plan.remove_disks.push(c.name.clone());
             }
         }
+        let (have, want) = (current.sections.keyed(), desired.sections.keyed());
+        for (key, section) in &want {
+            match have.get(key) {
+                None => plan.add_sections.push(key.clone()),
+                Some(old) if old != section => plan.change_sections.push(key.clone()),
+                Some(_) => {}
+            }
+        }
+        plan.remove_sections = have
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
         Ok(plan)
     }
 
@@ -402,6 +478,13 @@ impl Store {
         }
         for d in &desired.disks {
             self.put_json(&mut batch, CF_DISKS, d.name.as_bytes(), d)?;
+        }
+        let objects = cf(&self.db, CF_OBJECTS)?;
+        for key in &plan.remove_sections {
+            batch.delete_cf(objects, key.as_bytes());
+        }
+        for (key, section) in desired.sections.keyed() {
+            self.put_json(&mut batch, CF_OBJECTS, key.as_bytes(), &section.table)?;
         }
         self.bump_generation(&mut batch)?;
         self.write(batch)?;
@@ -496,6 +579,28 @@ mod tests {
     }
 
     #[test]
+    fn sections_are_stored_planned_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let doc = "version = 1\n[[pool]]\nname = \"p0\"\nraid = \"raid5\"\n\n[[switch]]\nname = \"vs0\"\n\n[iscsi]\nx = 1\n";
+        let desired = DesiredState::from_toml(doc).unwrap();
+        let plan = store.apply(&desired).unwrap();
+        assert_eq!(plan.add_sections, vec!["iscsi", "pool/p0", "switch/vs0"]);
+        assert_eq!(store.desired_state().unwrap(), desired);
+
+        let doc2 = "version = 1\n[[pool]]\nname = \"p0\"\nraid = \"raid6\"\n";
+        let desired2 = DesiredState::from_toml(doc2).unwrap();
+        let plan = store.plan(&desired2).unwrap();
+        assert_eq!(plan.change_sections, vec!["pool/p0"]);
+        assert_eq!(plan.remove_sections, vec!["iscsi", "switch/vs0"]);
+        store.apply(&desired2).unwrap();
+        assert_eq!(store.desired_state().unwrap(), desired2);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.desired_state().unwrap(), desired2);
+    }
+
+    #[test]
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -511,7 +616,7 @@ mod tests {
         }
     }
 
-    fn migrate_to_2(db: &DB, batch: &mut WriteBatch) -> Result<()> {
+    fn rename_disks(db: &DB, batch: &mut WriteBatch) -> Result<()> {
         // A test migration: rename every disk "x" to "x-renamed".
         let handle = cf(db, CF_DISKS)?;
         for item in db.iterator_cf(handle, rocksdb::IteratorMode::Start) {
@@ -539,12 +644,17 @@ mod tests {
             },
             Migration {
                 to: 2,
-                description: "rename",
+                description: "objects",
                 run: migrate_to_2,
+            },
+            Migration {
+                to: 3,
+                description: "rename",
+                run: rename_disks,
             },
         ];
         let store = Store::open_with(dir.path(), &chain).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.schema_version().unwrap(), 3);
         assert_eq!(store.disks().unwrap()[0].name, "a-renamed");
         drop(store);
         let store = Store::open_with(dir.path(), &chain).unwrap();

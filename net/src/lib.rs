@@ -75,6 +75,7 @@ pub use definition::{
     ShapingPolicy, SwitchDefinition, TeamingPolicy, UplinkSpec, Verdict, VlanRange,
 };
 pub use frame::MacAddr;
+pub use pipeline::{LearnedMac, PortRole};
 pub use switch::{
     Changes, PortInfo, PortStatus, Switch, SwitchError, SwitchOptions, SwitchStatus, TeamStatus,
 };

@@ -30,7 +30,7 @@ use crate::frame::{self, MacAddr};
 use crate::shaper::Shaper;
 use crate::teaming::{Team, TeamConfig};
 use crate::vlan::{Egress, VlanMode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -53,7 +53,7 @@ const MAC_CHECK_INTERVAL_NS: u64 = 50_000_000;
 const NARROW_TRUNK: usize = 64;
 
 /// What a port is, for forwarding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortRole {
     /// A VM port (TAP or attached interface).
@@ -203,7 +203,7 @@ pub struct PortView {
 }
 
 /// A MAC address learned on an uplink.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LearnedMac {
     /// VLAN.
     pub vlan: u16,

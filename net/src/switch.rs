@@ -21,7 +21,7 @@ use crate::io::tap::Tap;
 use crate::pipeline::{Config, LearnedMac, PortConfig, PortId, PortRole, MAX_PORTS};
 use crate::teaming::TeamConfig;
 use crate::vlan::VlanMode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -96,7 +96,7 @@ pub enum SwitchError {
 }
 
 /// What an apply changed, by port or uplink name.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Changes {
     /// Ports and uplinks that were opened.
     pub added: Vec<String>,
@@ -114,7 +114,7 @@ impl Changes {
 }
 
 /// A port as the compute layer needs it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortInfo {
     /// The port's name.
     pub name: String,
@@ -126,7 +126,7 @@ pub struct PortInfo {
 }
 
 /// A port's or uplink's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortStatus {
     /// Name.
     pub name: String,
@@ -150,7 +150,7 @@ pub struct PortStatus {
 }
 
 /// A port group's team as it runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TeamStatus {
     /// The port group.
     pub portgroup: String,
@@ -159,7 +159,7 @@ pub struct TeamStatus {
 }
 
 /// A running switch's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchStatus {
     /// The switch.
     pub name: String,

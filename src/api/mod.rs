@@ -3,6 +3,7 @@
 //! token so that load balancers and Prometheus can reach them.
 
 pub mod error;
+pub mod switches;
 pub mod types;
 
 use crate::daemon::appliance::Appliance;
@@ -36,8 +37,12 @@ pub struct ApiState {
 #[openapi(
     info(title = "Basalt appliance API", description = "Manage a Basalt storage appliance. \
         Every call needs `Authorization: Bearer <token>`; the token is in `<data dir>/admin.token`."),
-    paths(status, list_disks, add_disk, get_disk, remove_disk, export_config, apply_config),
-    components(schemas(Status, DiskInfo, AddDisk, ApplyResult, ErrorBody)),
+    paths(status, list_disks, add_disk, get_disk, remove_disk, export_config, apply_config,
+        switches::list, switches::show, switches::put_definition, switches::remove,
+        switches::add_portgroup, switches::remove_portgroup, switches::add_uplink,
+        switches::remove_uplink, switches::add_port, switches::remove_port),
+    components(schemas(Status, DiskInfo, AddDisk, ApplyResult, ErrorBody,
+        crate::daemon::switches::SwitchInfo)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -69,6 +74,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/disks/{name}", get(get_disk).delete(remove_disk))
         .route("/config", get(export_config).put(apply_config))
         .route("/openapi.json", get(openapi_json))
+        .merge(switches::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -133,7 +139,11 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    let body = state.metrics.render(&state.appliance.disk_stats());
+    let inputs = crate::metrics::Inputs {
+        disks: state.appliance.disk_stats(),
+        switches: state.appliance.switches().counters(),
+    };
+    let body = state.metrics.render(&inputs);
     (
         [(
             header::CONTENT_TYPE,

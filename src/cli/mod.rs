@@ -2,6 +2,7 @@
 //! Tables for people by default, `--json` for scripts.
 
 pub mod client;
+pub mod switch;
 
 use crate::api::types::{AddDisk, ApplyResult, DiskInfo, Status};
 use anyhow::{Context, Result};
@@ -76,12 +77,12 @@ pub enum ConfigCommand {
     },
 }
 
-fn print_json<T: Serialize>(value: &T) -> Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY);
     t.set_header(header.to_vec());

@@ -6,6 +6,8 @@
 
 use super::disks::{check_kind, open_and_probe, DiskRuntime, DiskSet};
 use super::listeners::Listeners;
+use super::sections::Typed;
+use super::switches::{check_on_this_host, Switches};
 use crate::api::error::ApiError;
 use crate::api::types::{AddDisk, ApplyResult, DiskCounts, DiskInfo, DiskState, Status};
 use basalt_blockdev::uring::create_sparse_file;
@@ -27,6 +29,7 @@ pub struct Appliance {
     disks: RwLock<DiskSet>,
     stats: Mutex<HashMap<String, Arc<IoStats>>>,
     listeners: Arc<Listeners>,
+    switches: Switches,
     started: Instant,
     mutation: tokio::sync::Mutex<()>,
 }
@@ -57,12 +60,23 @@ impl Appliance {
             disks: RwLock::new(DiskSet::default()),
             stats: Mutex::new(HashMap::new()),
             listeners,
+            switches: Switches::default(),
             started: Instant::now(),
             mutation: tokio::sync::Mutex::new(()),
         });
-        let store = appliance.store.clone();
-        for spec in blocking(move || Ok(store.disks()?)).await? {
-            appliance.open(&spec).await;
+        let desired = appliance.desired().await?;
+        for spec in &desired.disks {
+            appliance.open(spec).await;
+        }
+        // A stored section this build cannot parse is reported, not fatal: the rest of
+        // the appliance still comes up, and `basalt config export` shows what is stored.
+        match Typed::parse(&desired.sections) {
+            Ok(typed) => appliance.switches.reconcile(&typed.switches).await?,
+            Err(errors) => {
+                for e in errors {
+                    tracing::error!(error = %e, "stored configuration section not started");
+                }
+            }
         }
         Ok(appliance)
     }
@@ -154,6 +168,11 @@ impl Appliance {
             .get(name)
             .map(DiskRuntime::info)
             .ok_or_else(|| ApiError::NotFound(format!("no disk named {name:?}")))
+    }
+
+    /// The switches.
+    pub fn switches(&self) -> &Switches {
+        &self.switches
     }
 
     /// Counters of every disk, for `/metrics`.
@@ -293,10 +312,44 @@ impl Appliance {
         let _guard = self.mutation.lock().await;
         let desired =
             DesiredState::from_toml(&text).map_err(|errors| ApiError::InvalidConfig(errors.0))?;
+        self.apply_state(desired, dry_run).await
+    }
+
+    /// Changes the stored desired state with `change` and applies the result, as one
+    /// mutation: the per-object API calls (`switch portgroup add`, ...) go through here,
+    /// so they are checked exactly as a whole document would be.
+    pub async fn update<F>(self: &Arc<Self>, change: F) -> Result<ApplyResult, ApiError>
+    where
+        F: FnOnce(&mut DesiredState) -> Result<(), ApiError>,
+    {
+        let _guard = self.mutation.lock().await;
+        let store = self.store.clone();
+        let mut desired = blocking(move || Ok(store.desired_state()?)).await?;
+        change(&mut desired)?;
+        self.apply_state(desired, false).await
+    }
+
+    /// The desired state as stored.
+    pub async fn desired(&self) -> Result<DesiredState, ApiError> {
+        let store = self.store.clone();
+        blocking(move || Ok(store.desired_state()?)).await
+    }
+
+    async fn apply_state(
+        self: &Arc<Self>,
+        desired: DesiredState,
+        dry_run: bool,
+    ) -> Result<ApplyResult, ApiError> {
+        let typed = Typed::parse(&desired.sections).map_err(ApiError::InvalidConfig)?;
         let store = self.store.clone();
         let d = desired.clone();
         let plan = blocking(move || Ok(store.plan(&d)?)).await?;
         let mut errors = check_plan(&plan);
+        for (section, def) in desired.sections.switch.iter().zip(&typed.switches) {
+            for problem in check_on_this_host(def) {
+                errors.push(ConfigError::on_line(section.line, problem));
+            }
+        }
         let new_listeners = if plan.api_changed {
             match self.listeners.bind_new(&desired.api.listen).await {
                 Ok(bound) => bound,
@@ -360,6 +413,7 @@ impl Appliance {
         for spec in &plan.add_disks {
             self.open(spec).await;
         }
+        self.switches.reconcile(&typed.switches).await?;
         if plan.api_changed {
             self.listeners.replace(new_listeners, &desired.api.listen);
         }
@@ -389,6 +443,7 @@ impl Appliance {
             }
         }
         self.disks_mut().disks.clear();
+        self.switches.stop_all().await;
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = %e, "store flush at shutdown failed");
         }
@@ -570,6 +625,15 @@ fn describe(plan: &Plan) -> Vec<String> {
     }
     for name in &plan.remove_disks {
         changes.push(format!("remove disk {name} (its file or device is kept)"));
+    }
+    for key in &plan.add_sections {
+        changes.push(format!("add {}", key.replace('/', " ")));
+    }
+    for key in &plan.change_sections {
+        changes.push(format!("update {}", key.replace('/', " ")));
+    }
+    for key in &plan.remove_sections {
+        changes.push(format!("remove {}", key.replace('/', " ")));
     }
     changes
 }

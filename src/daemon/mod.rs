@@ -8,7 +8,9 @@
 pub mod appliance;
 pub mod disks;
 pub mod listeners;
+pub mod sections;
 pub mod security;
+pub mod switches;
 
 use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
