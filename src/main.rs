@@ -44,6 +44,15 @@ enum Command {
     /// Export or apply the whole desired state.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage pools: RAID arrays with thin pools on them.
+    #[command(subcommand)]
+    Pool(cli::storage::PoolCommand),
+    /// Manage LUNs, snapshots and clones.
+    #[command(subcommand)]
+    Lun(cli::storage::LunCommand),
+    /// Manage the NBD and iSCSI targets.
+    #[command(subcommand)]
+    Target(cli::target::TargetCommand),
     /// Manage virtual switches.
     #[command(subcommand)]
     Switch(cli::switch::SwitchCommand),
@@ -97,6 +106,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Disk(cmd) => cli::disk(&client, &cli.client, cmd).await,
         Command::Config(cmd) => cli::config(&client, &cli.client, cmd).await,
         Command::Switch(cmd) => cli::switch::run(&client, &cli.client, cmd).await,
+        Command::Pool(cmd) => cli::storage::pool(&client, &cli.client, cmd).await,
+        Command::Lun(cmd) => cli::storage::lun(&client, &cli.client, cmd).await,
+        Command::Target(cmd) => cli::target::run(&client, &cli.client, cmd).await,
     }
 }
 

@@ -8,6 +8,7 @@
 //! never touches the registry.
 
 use crate::api::types::{DiskInfo, DiskState};
+use crate::daemon::storage::StorageMetrics;
 use basalt_blockdev::{IoKind, IoStatsSnapshot, LATENCY_BUCKETS_SECONDS};
 use basalt_net::{DropReason, PortCountersSnapshot};
 use prometheus::proto::{
@@ -26,6 +27,12 @@ pub struct Inputs {
     pub disks: Vec<(DiskInfo, IoStatsSnapshot)>,
     /// Switches with their per-port counters.
     pub switches: Vec<(String, BTreeMap<String, PortCountersSnapshot>)>,
+    /// Arrays, pools and volumes.
+    pub storage: StorageMetrics,
+    /// The NBD server, when it runs.
+    pub nbd: Option<basalt_nbd::NbdMetrics>,
+    /// The iSCSI target, when it runs.
+    pub iscsi: Option<basalt_iscsi::MetricsSnapshot>,
 }
 
 /// The daemon's metrics.
@@ -98,6 +105,13 @@ impl Metrics {
         let mut families = self.registry.gather();
         families.extend(disk_families(&input.disks));
         families.extend(switch_families(&input.switches));
+        families.extend(storage_families(&input.storage));
+        if let Some(nbd) = &input.nbd {
+            families.extend(nbd_families(nbd));
+        }
+        if let Some(iscsi) = &input.iscsi {
+            families.extend(iscsi_families(iscsi));
+        }
         let mut out = Vec::new();
         if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
@@ -341,6 +355,524 @@ fn disk_families(disks: &[(DiskInfo, IoStatsSnapshot)]) -> Vec<MetricFamily> {
     f
 }
 
+/// A histogram from bucket bounds and non-cumulative counts (a count past the last
+/// finite bound belongs to +Inf, which the encoder adds from the total).
+fn histogram_from(pairs: &[(&str, &str)], bounds: &[f64], counts: &[u64], sum: f64) -> Metric {
+    let mut cumulative = 0;
+    let mut out = Vec::new();
+    for (bound, count) in bounds.iter().zip(counts) {
+        cumulative += count;
+        if bound.is_finite() {
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            out.push(b);
+        }
+    }
+    let mut h = Histogram::default();
+    h.set_bucket(out);
+    h.set_sample_count(counts.iter().sum());
+    h.set_sample_sum(sum);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_histogram(h);
+    m
+}
+
+/// Families of (labels, value) rows.
+fn rows(
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: Vec<(Vec<(&str, String)>, f64)>,
+) -> MetricFamily {
+    let metrics = rows
+        .iter()
+        .map(|(l, v)| {
+            let pairs: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            match kind {
+                MetricType::COUNTER => counter(&pairs, *v),
+                _ => gauge(&pairs, *v),
+            }
+        })
+        .collect();
+    family(name, help, kind, metrics)
+}
+
+const ARRAY_STATES: [&str; 8] = [
+    "clean",
+    "active",
+    "degraded",
+    "recovering",
+    "resync",
+    "check",
+    "failed",
+    "stopped",
+];
+
+fn storage_families(s: &StorageMetrics) -> Vec<MetricFamily> {
+    let mut f = Vec::new();
+    if !s.arrays.is_empty() {
+        let pool = |p: &String| vec![("pool", p.clone())];
+        let mut states = Vec::new();
+        for (p, m) in &s.arrays {
+            for st in ARRAY_STATES {
+                states.push((
+                    vec![("pool", p.clone()), ("state", st.to_string())],
+                    if m.state == st { 1.0 } else { 0.0 },
+                ));
+            }
+        }
+        f.push(rows(
+            "basalt_md_state",
+            "Array state (1 for the current one), as node_md_state.",
+            MetricType::GAUGE,
+            states,
+        ));
+        let mut disks = Vec::new();
+        for (p, m) in &s.arrays {
+            for (st, n) in [
+                ("active", m.disks_active),
+                ("rebuilding", m.disks_rebuilding),
+                ("faulty", m.disks_faulty),
+                ("missing", m.disks_missing),
+                ("spare", m.disks_spare),
+            ] {
+                disks.push((
+                    vec![("pool", p.clone()), ("state", st.to_string())],
+                    n as f64,
+                ));
+            }
+        }
+        f.push(rows(
+            "basalt_md_disks",
+            "Array members by state, as node_md_disks.",
+            MetricType::GAUGE,
+            disks,
+        ));
+        let per = |name: &str,
+                   help: &str,
+                   kind: MetricType,
+                   v: fn(&basalt_raid::MetricsSnapshot) -> f64| {
+            rows(
+                name,
+                help,
+                kind,
+                s.arrays.iter().map(|(p, m)| (pool(p), v(m))).collect(),
+            )
+        };
+        f.push(per(
+            "basalt_md_blocks",
+            "Array size in 1 KiB blocks, as node_md_blocks.",
+            MetricType::GAUGE,
+            |m| (m.size_bytes / 1024) as f64,
+        ));
+        f.push(per(
+            "basalt_md_blocks_synced",
+            "Blocks synced by the running rebuild, resync or scrub, as node_md_blocks_synced.",
+            MetricType::GAUGE,
+            |m| (m.sync_done_bytes / 1024) as f64,
+        ));
+        f.push(per(
+            "basalt_md_degraded_reads_total",
+            "Reads served by reconstruction.",
+            MetricType::COUNTER,
+            |m| m.degraded_reads_total as f64,
+        ));
+        f.push(per(
+            "basalt_md_member_errors_total",
+            "Member I/O errors.",
+            MetricType::COUNTER,
+            |m| m.member_errors_total as f64,
+        ));
+        f.push(per(
+            "basalt_md_journal_writes_total",
+            "Write-hole journal writes.",
+            MetricType::COUNTER,
+            |m| m.journal_writes_total as f64,
+        ));
+        f.push(per(
+            "basalt_md_scrub_mismatches",
+            "Mismatches the last scrub found.",
+            MetricType::GAUGE,
+            |m| m.scrub_mismatches as f64,
+        ));
+        f.push(per(
+            "basalt_md_scrub_repaired_total",
+            "Blocks scrubs repaired.",
+            MetricType::COUNTER,
+            |m| m.scrub_repaired_total as f64,
+        ));
+        let mut stripes = Vec::new();
+        for (p, m) in &s.arrays {
+            for (k, n) in [
+                ("full", m.full_stripe_writes_total),
+                ("rmw", m.rmw_writes_total),
+                ("rcw", m.rcw_writes_total),
+                ("degraded", m.degraded_writes_total),
+            ] {
+                stripes.push((vec![("pool", p.clone()), ("kind", k.to_string())], n as f64));
+            }
+        }
+        f.push(rows(
+            "basalt_md_stripe_writes_total",
+            "Stripe writes by kind.",
+            MetricType::COUNTER,
+            stripes,
+        ));
+    }
+    if !s.usage.is_empty() {
+        let per = |name: &str, help: &str, v: fn(&basalt_lun::Usage) -> f64| {
+            rows(
+                name,
+                help,
+                MetricType::GAUGE,
+                s.usage
+                    .iter()
+                    .map(|(p, u)| (vec![("pool", p.clone())], v(u)))
+                    .collect(),
+            )
+        };
+        f.push(per("basalt_pool_size_bytes", "Pool data area.", |u| {
+            u.data_bytes as f64
+        }));
+        f.push(per(
+            "basalt_pool_allocated_bytes",
+            "Bytes in allocated chunks.",
+            |u| u.allocated_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_pool_reserved_bytes",
+            "Bytes reserved for thick LUNs.",
+            |u| u.reserved_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_pool_free_bytes",
+            "Bytes thin LUNs can still take.",
+            |u| u.free_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_pool_provisioned_bytes",
+            "Sum of the writable LUNs' virtual sizes.",
+            |u| u.provisioned_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_pool_snapshot_bytes",
+            "Bytes only snapshots hold.",
+            |u| u.snapshot_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_pool_metadata_used_bytes",
+            "Metadata checkpoint bytes in use.",
+            |u| u.metadata_used_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_pool_metadata_size_bytes",
+            "Metadata checkpoint slot size.",
+            |u| u.metadata_total_bytes as f64,
+        ));
+        let mut alerts = Vec::new();
+        for (p, u) in &s.usage {
+            for res in ["data", "metadata"] {
+                let level = u
+                    .alerts
+                    .iter()
+                    .filter(|a| {
+                        serde_json::to_value(a.resource)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .as_deref()
+                            == Some(res)
+                    })
+                    .map(|a| a.level as u8)
+                    .max()
+                    .unwrap_or(0);
+                alerts.push((
+                    vec![("pool", p.clone()), ("resource", res.to_string())],
+                    f64::from(level),
+                ));
+            }
+        }
+        f.push(rows(
+            "basalt_pool_alert_level",
+            "Space alert: 0 ok, 1 warning, 2 critical, 3 full.",
+            MetricType::GAUGE,
+            alerts,
+        ));
+    }
+    if !s.volumes.is_empty() {
+        let lun = |p: &String, v: &basalt_lun::VolumeInfo| {
+            vec![("pool", p.clone()), ("lun", v.name.clone())]
+        };
+        let per =
+            |name: &str,
+             help: &str,
+             kind: MetricType,
+             value: &dyn Fn(&basalt_lun::VolumeInfo, &IoStatsSnapshot) -> f64| {
+                rows(
+                    name,
+                    help,
+                    kind,
+                    s.volumes
+                        .iter()
+                        .map(|(p, v, io)| (lun(p, v), value(v, io)))
+                        .collect(),
+                )
+            };
+        f.push(per(
+            "basalt_lun_size_bytes",
+            "LUN virtual size.",
+            MetricType::GAUGE,
+            &|v, _| v.size_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_lun_allocated_bytes",
+            "Bytes allocated to the LUN (own or shared).",
+            MetricType::GAUGE,
+            &|v, _| v.mapped_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_lun_snapshot_bytes",
+            "Bytes only the LUN's snapshots hold.",
+            MetricType::GAUGE,
+            &|v, _| v.snapshot_bytes as f64,
+        ));
+        f.push(per(
+            "basalt_lun_reads_completed_total",
+            "Reads completed.",
+            MetricType::COUNTER,
+            &|_, io| io.kind(IoKind::Read).ops as f64,
+        ));
+        f.push(per(
+            "basalt_lun_read_bytes_total",
+            "Bytes read.",
+            MetricType::COUNTER,
+            &|_, io| io.kind(IoKind::Read).bytes as f64,
+        ));
+        f.push(per(
+            "basalt_lun_writes_completed_total",
+            "Writes completed.",
+            MetricType::COUNTER,
+            &|_, io| io.kind(IoKind::Write).ops as f64,
+        ));
+        f.push(per(
+            "basalt_lun_written_bytes_total",
+            "Bytes written.",
+            MetricType::COUNTER,
+            &|_, io| io.kind(IoKind::Write).bytes as f64,
+        ));
+        f.push(per(
+            "basalt_lun_discarded_bytes_total",
+            "Bytes discarded (unmapped).",
+            MetricType::COUNTER,
+            &|_, io| io.kind(IoKind::Discard).bytes as f64,
+        ));
+        let mut latency = Vec::new();
+        for (p, v, io) in &s.volumes {
+            for kind in [IoKind::Read, IoKind::Write, IoKind::Flush] {
+                let k = io.kind(kind);
+                latency.push(histogram_from(
+                    &[("pool", p), ("lun", &v.name), ("op", kind.as_str())],
+                    &LATENCY_BUCKETS_SECONDS,
+                    &k.buckets,
+                    k.time.as_secs_f64(),
+                ));
+            }
+        }
+        f.push(family(
+            "basalt_lun_io_duration_seconds",
+            "LUN request latency by operation.",
+            MetricType::HISTOGRAM,
+            latency,
+        ));
+    }
+    f
+}
+
+fn nbd_families(m: &basalt_nbd::NbdMetrics) -> Vec<MetricFamily> {
+    let server = |name: &str, help: &str, v: u64| {
+        rows(
+            name,
+            help,
+            MetricType::COUNTER,
+            vec![(Vec::new(), v as f64)],
+        )
+    };
+    let mut f = vec![
+        server(
+            "basalt_nbd_connections_refused_total",
+            "Connections refused (limits, access).",
+            m.server.connections_refused,
+        ),
+        server(
+            "basalt_nbd_handshakes_failed_total",
+            "Handshakes that failed.",
+            m.server.handshakes_failed,
+        ),
+        server(
+            "basalt_nbd_tls_handshakes_total",
+            "TLS handshakes completed.",
+            m.server.tls_handshakes,
+        ),
+        server(
+            "basalt_nbd_protocol_errors_total",
+            "Connections closed for protocol errors.",
+            m.server.protocol_errors,
+        ),
+    ];
+    let exp = |e: &String| vec![("export", e.clone())];
+    f.push(rows(
+        "basalt_nbd_connections",
+        "Open connections per export.",
+        MetricType::GAUGE,
+        m.exports
+            .iter()
+            .map(|(e, x)| (exp(e), x.connections_active as f64))
+            .collect(),
+    ));
+    f.push(rows(
+        "basalt_nbd_connections_total",
+        "Connections per export.",
+        MetricType::COUNTER,
+        m.exports
+            .iter()
+            .map(|(e, x)| (exp(e), x.connections_total as f64))
+            .collect(),
+    ));
+    let mut ops = Vec::new();
+    let mut errors = Vec::new();
+    let mut bytes = Vec::new();
+    let mut latency = Vec::new();
+    for (e, x) in &m.exports {
+        for (cmd, c) in &x.commands {
+            let l = vec![("export", e.clone()), ("command", cmd.clone())];
+            ops.push((l.clone(), c.ops as f64));
+            errors.push((l.clone(), c.errors as f64));
+            bytes.push((l, c.bytes as f64));
+            latency.push(histogram_from(
+                &[("export", e), ("command", cmd)],
+                &LATENCY_BUCKETS_SECONDS,
+                &c.latency_buckets,
+                c.time_seconds,
+            ));
+        }
+    }
+    f.push(rows(
+        "basalt_nbd_commands_total",
+        "NBD commands by export and command.",
+        MetricType::COUNTER,
+        ops,
+    ));
+    f.push(rows(
+        "basalt_nbd_command_errors_total",
+        "NBD commands answered with an error.",
+        MetricType::COUNTER,
+        errors,
+    ));
+    f.push(rows(
+        "basalt_nbd_bytes_total",
+        "Bytes covered by NBD commands.",
+        MetricType::COUNTER,
+        bytes,
+    ));
+    f.push(family(
+        "basalt_nbd_command_duration_seconds",
+        "NBD command latency.",
+        MetricType::HISTOGRAM,
+        latency,
+    ));
+    f
+}
+
+fn iscsi_families(m: &basalt_iscsi::MetricsSnapshot) -> Vec<MetricFamily> {
+    let tgt = |t: &basalt_iscsi::metrics::TargetSnapshot| vec![("target", t.iqn.clone())];
+    let mut f = vec![
+        rows(
+            "basalt_iscsi_sessions",
+            "Open sessions per target.",
+            MetricType::GAUGE,
+            m.targets
+                .iter()
+                .map(|t| (tgt(t), t.sessions as f64))
+                .collect(),
+        ),
+        rows(
+            "basalt_iscsi_logins_total",
+            "Logins per target.",
+            MetricType::COUNTER,
+            m.targets
+                .iter()
+                .map(|t| (tgt(t), t.logins as f64))
+                .collect(),
+        ),
+        rows(
+            "basalt_iscsi_login_failures_total",
+            "Refused logins per target.",
+            MetricType::COUNTER,
+            m.targets
+                .iter()
+                .map(|t| (tgt(t), t.login_failures as f64))
+                .collect(),
+        ),
+    ];
+    let mut cmds = Vec::new();
+    let mut rd = Vec::new();
+    let mut wr = Vec::new();
+    let mut errs = Vec::new();
+    let mut latency = Vec::new();
+    for t in &m.targets {
+        for l in &t.luns {
+            let lbl = vec![("target", t.iqn.clone()), ("lun", l.name.clone())];
+            cmds.push((lbl.clone(), l.commands as f64));
+            rd.push((lbl.clone(), l.read_bytes as f64));
+            wr.push((lbl.clone(), l.write_bytes as f64));
+            for (key, n) in &l.errors_by_sense_key {
+                let mut e = lbl.clone();
+                e.push(("sense_key", format!("{key:#x}")));
+                errs.push((e, *n as f64));
+            }
+            let bounds: Vec<f64> = l.latency_buckets.iter().map(|(b, _)| *b).collect();
+            let counts: Vec<u64> = l.latency_buckets.iter().map(|(_, c)| *c).collect();
+            latency.push(histogram_from(
+                &[("target", &t.iqn), ("lun", &l.name)],
+                &bounds,
+                &counts,
+                l.latency_sum_seconds,
+            ));
+        }
+    }
+    f.push(rows(
+        "basalt_iscsi_commands_total",
+        "SCSI commands per target and LUN.",
+        MetricType::COUNTER,
+        cmds,
+    ));
+    f.push(rows(
+        "basalt_iscsi_read_bytes_total",
+        "Data-In bytes.",
+        MetricType::COUNTER,
+        rd,
+    ));
+    f.push(rows(
+        "basalt_iscsi_written_bytes_total",
+        "Data-Out bytes.",
+        MetricType::COUNTER,
+        wr,
+    ));
+    f.push(rows(
+        "basalt_iscsi_errors_total",
+        "Commands ended with sense data, by sense key.",
+        MetricType::COUNTER,
+        errs,
+    ));
+    f.push(family(
+        "basalt_iscsi_command_duration_seconds",
+        "SCSI command latency.",
+        MetricType::HISTOGRAM,
+        latency,
+    ));
+    f
+}
+
 fn switch_families(
     switches: &[(String, BTreeMap<String, PortCountersSnapshot>)],
 ) -> Vec<MetricFamily> {
@@ -435,6 +967,7 @@ mod tests {
         let inputs = Inputs {
             disks: vec![(info, stats.snapshot())],
             switches: vec![("vs0".into(), BTreeMap::from([("vm1".to_string(), port)]))],
+            ..Inputs::default()
         };
         let text = m.render(&inputs);
         assert!(

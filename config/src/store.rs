@@ -377,6 +377,28 @@ impl Store {
         Ok(true)
     }
 
+    /// A run-time record (state subsystems keep across restarts that is not part of the
+    /// desired state, such as SCSI persistent reservations).
+    pub fn record(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.get_raw(CF_SETTINGS, format!("rt/{key}").as_bytes())
+    }
+
+    /// Stores a run-time record (synced).
+    pub fn put_record(&self, key: &str, value: &[u8]) -> Result<()> {
+        let handle = cf(&self.db, CF_SETTINGS)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(handle, format!("rt/{key}").as_bytes(), value);
+        self.write(batch)
+    }
+
+    /// Deletes a run-time record.
+    pub fn delete_record(&self, key: &str) -> Result<()> {
+        let handle = cf(&self.db, CF_SETTINGS)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(handle, format!("rt/{key}").as_bytes());
+        self.write(batch)
+    }
+
     /// The appliance settings.
     pub fn appliance(&self) -> Result<ApplianceSettings> {
         Ok(self

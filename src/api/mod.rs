@@ -3,7 +3,9 @@
 //! token so that load balancers and Prometheus can reach them.
 
 pub mod error;
+pub mod storage;
 pub mod switches;
+pub mod targets;
 pub mod types;
 
 use crate::daemon::appliance::Appliance;
@@ -40,9 +42,23 @@ pub struct ApiState {
     paths(status, list_disks, add_disk, get_disk, remove_disk, export_config, apply_config,
         switches::list, switches::show, switches::put_definition, switches::remove,
         switches::add_portgroup, switches::remove_portgroup, switches::add_uplink,
-        switches::remove_uplink, switches::add_port, switches::remove_port),
+        switches::remove_uplink, switches::add_port, switches::remove_port,
+        storage::list_pools, storage::get_pool, storage::create_pool, storage::import_pools,
+        storage::export_pool, storage::scrub_pool, storage::check_pool, storage::list_luns,
+        storage::get_lun, storage::create_lun, storage::resize_lun, storage::delete_lun,
+        storage::snapshot_lun, storage::clone_lun, storage::fail_disk, storage::replace_disk,
+        storage::spare_disk, targets::nbd_show, targets::nbd_settings, targets::nbd_export,
+        targets::nbd_unexport, targets::iscsi_show, targets::iscsi_create, targets::iscsi_delete,
+        targets::iscsi_map, targets::iscsi_unmap, targets::iscsi_acl, targets::iscsi_acl_remove,
+        targets::iscsi_portal, targets::iscsi_portal_remove),
     components(schemas(Status, DiskInfo, AddDisk, ApplyResult, ErrorBody,
-        crate::daemon::switches::SwitchInfo)),
+        crate::daemon::switches::SwitchInfo, crate::daemon::storage::PoolInfo,
+        crate::daemon::storage::LunInfo, storage::CreatePool, storage::ImportPools,
+        storage::ScrubRequest, storage::CheckRequest, storage::CreateLun, storage::ResizeLun,
+        storage::NewName, storage::ReplaceDisk, storage::SpareDisk, targets::NbdInfo,
+        targets::NbdSettings, targets::NbdExport, targets::IscsiInfo,
+        targets::CreateIscsiTarget, targets::MapLun, targets::AclRequest,
+        targets::PortalRequest)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -75,6 +91,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/config", get(export_config).put(apply_config))
         .route("/openapi.json", get(openapi_json))
         .merge(switches::routes())
+        .merge(storage::routes())
+        .merge(targets::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -139,9 +157,13 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
+    let targets = state.appliance.targets();
     let inputs = crate::metrics::Inputs {
         disks: state.appliance.disk_stats(),
         switches: state.appliance.switches().counters(),
+        storage: state.appliance.storage().metrics(),
+        nbd: targets.nbd_status().await.map(|(_, m)| m),
+        iscsi: targets.iscsi_status().await.map(|(_, m)| m),
     };
     let body = state.metrics.render(&inputs);
     (

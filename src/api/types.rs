@@ -112,6 +112,10 @@ pub struct ApplyResult {
     pub changes: Vec<String>,
     /// The configuration generation after the apply.
     pub generation: u64,
+    /// What was committed but could not be carried out yet (a pool whose disk failed in
+    /// the meantime, ...); the next start or apply tries again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Error body of every failed API call.

@@ -2,7 +2,9 @@
 //! Tables for people by default, `--json` for scripts.
 
 pub mod client;
+pub mod storage;
 pub mod switch;
+pub mod target;
 
 use crate::api::types::{AddDisk, ApplyResult, DiskInfo, Status};
 use anyhow::{Context, Result};
@@ -55,6 +57,26 @@ pub enum DiskCommand {
     Remove {
         /// Name of the disk.
         name: String,
+    },
+    /// Mark a pool member faulty (the pool goes on from redundancy; a spare takes over).
+    Fail {
+        /// Name of the disk.
+        name: String,
+    },
+    /// Replace a pool member with another disk; the array rebuilds onto it.
+    Replace {
+        /// The disk to replace.
+        name: String,
+        /// The disk that takes its place.
+        with: String,
+    },
+    /// Make a disk a hot spare of a pool.
+    Spare {
+        /// Name of the disk.
+        name: String,
+        /// The pool.
+        #[arg(long)]
+        pool: String,
     },
 }
 
@@ -191,6 +213,13 @@ pub async fn disk(client: &Client, args: &ClientArgs, cmd: DiskCommand) -> Resul
             } else {
                 println!("{t}");
             }
+        }
+        DiskCommand::Fail { name } => storage::disk_op(client, args, "fail", &name, None).await?,
+        DiskCommand::Replace { name, with } => {
+            storage::disk_op(client, args, "replace", &name, Some(&with)).await?
+        }
+        DiskCommand::Spare { name, pool } => {
+            storage::disk_op(client, args, "spare", &name, Some(&pool)).await?
         }
         DiskCommand::Remove { name } => {
             client

@@ -6,8 +6,10 @@
 
 use super::disks::{check_kind, open_and_probe, DiskRuntime, DiskSet};
 use super::listeners::Listeners;
-use super::sections::Typed;
+use super::sections::{ProvisioningSpec, Typed, DEFAULT_LUN_BLOCK_SIZE};
+use super::storage::{check_lun, inspect_disks, OnlineDisks, Storage};
 use super::switches::{check_on_this_host, Switches};
+use super::targets::{iscsi_units, nbd_exports, Targets};
 use crate::api::error::ApiError;
 use crate::api::types::{AddDisk, ApplyResult, DiskCounts, DiskInfo, DiskState, Status};
 use basalt_blockdev::uring::create_sparse_file;
@@ -30,6 +32,10 @@ pub struct Appliance {
     stats: Mutex<HashMap<String, Arc<IoStats>>>,
     listeners: Arc<Listeners>,
     switches: Switches,
+    storage: Storage,
+    targets: Targets,
+    /// TLS for the NBD server (the appliance's certificate, without HTTP's ALPN).
+    target_tls: Arc<rustls::ServerConfig>,
     started: Instant,
     mutation: tokio::sync::Mutex<()>,
 }
@@ -52,6 +58,7 @@ impl Appliance {
         socket: PathBuf,
         store: Store,
         listeners: Arc<Listeners>,
+        target_tls: Arc<rustls::ServerConfig>,
     ) -> Result<Arc<Appliance>, ApiError> {
         let appliance = Arc::new(Appliance {
             data_dir,
@@ -61,6 +68,9 @@ impl Appliance {
             stats: Mutex::new(HashMap::new()),
             listeners,
             switches: Switches::default(),
+            storage: Storage::default(),
+            targets: Targets::default(),
+            target_tls,
             started: Instant::now(),
             mutation: tokio::sync::Mutex::new(()),
         });
@@ -70,8 +80,16 @@ impl Appliance {
         }
         // A stored section this build cannot parse is reported, not fatal: the rest of
         // the appliance still comes up, and `basalt config export` shows what is stored.
-        match Typed::parse(&desired.sections) {
-            Ok(typed) => appliance.switches.reconcile(&typed.switches).await?,
+        match Typed::parse(&desired) {
+            Ok(typed) => {
+                for w in appliance.reconcile_storage(&typed, &[], &[]).await {
+                    tracing::error!(problem = %w, "storage not fully up");
+                }
+                if let Err(e) = appliance.reconcile_targets(&typed).await {
+                    tracing::error!(error = %e, "targets not started");
+                }
+                appliance.switches.reconcile(&typed.switches).await?;
+            }
             Err(errors) => {
                 for e in errors {
                     tracing::error!(error = %e, "stored configuration section not started");
@@ -175,6 +193,16 @@ impl Appliance {
         &self.switches
     }
 
+    /// Pools and LUNs.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The target servers.
+    pub fn targets(&self) -> &Targets {
+        &self.targets
+    }
+
     /// Counters of every disk, for `/metrics`.
     pub fn disk_stats(&self) -> Vec<(DiskInfo, IoStatsSnapshot)> {
         self.disks_ref()
@@ -269,6 +297,18 @@ impl Appliance {
     /// `DELETE /disks/{name}`: forgets a disk. Its file or device is left as it is.
     pub async fn remove_disk(self: &Arc<Self>, name: String) -> Result<(), ApiError> {
         let _guard = self.mutation.lock().await;
+        if let Ok(typed) = Typed::parse(&self.desired().await?) {
+            if let Some(p) = typed
+                .pools
+                .iter()
+                .find(|p| p.all_disks().any(|d| d == &name))
+            {
+                return Err(ApiError::Conflict(format!(
+                    "disk {name:?} belongs to pool {:?}; replace it there first",
+                    p.name
+                )));
+            }
+        }
         let store = self.store.clone();
         let n = name.clone();
         let existed = blocking(move || Ok(store.remove_disk(&n)?)).await?;
@@ -312,7 +352,14 @@ impl Appliance {
         let _guard = self.mutation.lock().await;
         let desired =
             DesiredState::from_toml(&text).map_err(|errors| ApiError::InvalidConfig(errors.0))?;
-        self.apply_state(desired, dry_run).await
+        self.apply_state(
+            desired,
+            ApplyOptions {
+                dry_run,
+                ..ApplyOptions::default()
+            },
+        )
+        .await
     }
 
     /// Changes the stored desired state with `change` and applies the result, as one
@@ -322,11 +369,89 @@ impl Appliance {
     where
         F: FnOnce(&mut DesiredState) -> Result<(), ApiError>,
     {
+        self.update_with(ApplyOptions::default(), change).await
+    }
+
+    /// As [`Appliance::update`], with options (LUNs to delete, pools to export).
+    pub async fn update_with<F>(
+        self: &Arc<Self>,
+        opts: ApplyOptions,
+        change: F,
+    ) -> Result<ApplyResult, ApiError>
+    where
+        F: FnOnce(&mut DesiredState) -> Result<(), ApiError>,
+    {
         let _guard = self.mutation.lock().await;
         let store = self.store.clone();
         let mut desired = blocking(move || Ok(store.desired_state()?)).await?;
         change(&mut desired)?;
-        self.apply_state(desired, false).await
+        self.apply_state(desired, opts).await
+    }
+
+    /// Pools found on online disks outside `used`: their arrays, by superblock, as the
+    /// specs that would bring them up here (`basalt pool import`).
+    pub async fn find_foreign_pools(&self, used: &[String]) -> Vec<super::sections::PoolSpec> {
+        let mut found: Vec<(basalt_raid::Uuid, super::sections::PoolSpec)> = Vec::new();
+        for (name, dev) in self.online_disks() {
+            if used.contains(&name) {
+                continue;
+            }
+            let Ok(sb) = basalt_raid::examine(&dev).await else {
+                continue;
+            };
+            let raid = match sb.level {
+                basalt_raid::Level::Raid0 => super::sections::RaidLevel::Raid0,
+                basalt_raid::Level::Raid1 => super::sections::RaidLevel::Raid1,
+                basalt_raid::Level::Raid10 => super::sections::RaidLevel::Raid10,
+                basalt_raid::Level::Raid5 => super::sections::RaidLevel::Raid5,
+                basalt_raid::Level::Raid6 => super::sections::RaidLevel::Raid6,
+            };
+            match found.iter_mut().find(|(u, _)| *u == sb.array_uuid) {
+                Some((_, spec)) => spec.disks.push(name),
+                None => found.push((
+                    sb.array_uuid,
+                    super::sections::PoolSpec {
+                        name: sb.name.clone(),
+                        raid,
+                        chunk: Some(ByteSize(u64::from(sb.chunk))),
+                        disks: vec![name],
+                        spares: Vec::new(),
+                        journal: None,
+                        rate_limit: None,
+                        warn_pct: None,
+                        critical_pct: None,
+                    },
+                )),
+            }
+        }
+        found.into_iter().map(|(_, spec)| spec).collect()
+    }
+
+    /// `basalt pool check`: the pool goes offline for the check, then comes back and the
+    /// targets reconnect to it.
+    pub async fn check_pool(
+        &self,
+        name: &str,
+        repair: bool,
+    ) -> Result<basalt_lun::CheckReport, ApiError> {
+        let _guard = self.mutation.lock().await;
+        let report = self.storage.check(name, repair).await;
+        if let Ok(typed) = Typed::parse(&self.desired().await?) {
+            if let Err(e) = self.reconcile_targets(&typed).await {
+                tracing::error!(error = %e, "targets after pool check");
+            }
+        }
+        report
+    }
+
+    /// Runs `f` with the mutation lock held (operations that change run-time state
+    /// only, such as snapshots, so that they do not interleave with an apply).
+    pub async fn exclusive<T, Fut>(&self, f: impl FnOnce() -> Fut) -> T
+    where
+        Fut: std::future::Future<Output = T>,
+    {
+        let _guard = self.mutation.lock().await;
+        f().await
     }
 
     /// The desired state as stored.
@@ -338,18 +463,23 @@ impl Appliance {
     async fn apply_state(
         self: &Arc<Self>,
         desired: DesiredState,
-        dry_run: bool,
+        opts: ApplyOptions,
     ) -> Result<ApplyResult, ApiError> {
-        let typed = Typed::parse(&desired.sections).map_err(ApiError::InvalidConfig)?;
+        let typed = Typed::parse(&desired).map_err(ApiError::InvalidConfig)?;
         let store = self.store.clone();
         let d = desired.clone();
-        let plan = blocking(move || Ok(store.plan(&d)?)).await?;
+        let (plan, before) =
+            blocking(move || Ok((store.plan(&d)?, store.desired_state()?))).await?;
         let mut errors = check_plan(&plan);
         for (section, def) in desired.sections.switch.iter().zip(&typed.switches) {
             for problem in check_on_this_host(def) {
                 errors.push(ConfigError::on_line(section.line, problem));
             }
         }
+        let new_pools = self
+            .check_storage(&desired, &before, &typed, &opts, &mut errors)
+            .await;
+        check_targets(&desired, &typed, &self.storage, &mut errors);
         let new_listeners = if plan.api_changed {
             match self.listeners.bind_new(&desired.api.listen).await {
                 Ok(bound) => bound,
@@ -362,15 +492,17 @@ impl Appliance {
             Vec::new()
         };
         if !errors.is_empty() {
+            errors.sort_by_key(|e| (e.line, e.column));
             return Err(ApiError::InvalidConfig(errors));
         }
         let changes = describe(&plan);
-        if dry_run {
+        if opts.dry_run {
             let generation = self.store.generation()?;
             return Ok(ApplyResult {
-                dry_run,
+                dry_run: true,
                 changes,
                 generation,
+                warnings: Vec::new(),
             });
         }
 
@@ -402,7 +534,10 @@ impl Appliance {
         })
         .await?;
 
-        // Bring the running appliance in line with what was committed.
+        // Bring the running appliance in line with what was committed. What fails here
+        // (a device that dies between the check and now) is reported, not rolled back:
+        // the desired state stands and the next start or apply tries again.
+        let mut warnings = Vec::new();
         for name in &plan.remove_disks {
             self.close(name).await;
         }
@@ -413,20 +548,221 @@ impl Appliance {
         for spec in &plan.add_disks {
             self.open(spec).await;
         }
+        warnings.extend(
+            self.reconcile_storage(&typed, &new_pools, &opts.delete_luns)
+                .await,
+        );
+        if let Err(e) = self.reconcile_targets(&typed).await {
+            warnings.push(e.to_string());
+        }
         self.switches.reconcile(&typed.switches).await?;
         if plan.api_changed {
             self.listeners.replace(new_listeners, &desired.api.listen);
         }
+        for w in &warnings {
+            tracing::warn!(warning = %w, "applied with a problem");
+        }
         tracing::info!(generation, changes = changes.len(), "configuration applied");
         Ok(ApplyResult {
-            dry_run,
+            dry_run: false,
             changes,
             generation,
+            warnings,
         })
+    }
+
+    fn online_disks(&self) -> OnlineDisks {
+        self.disks_ref()
+            .disks
+            .iter()
+            .filter_map(|(n, d)| d.open.as_ref().map(|o| (n.clone(), o.dev.clone())))
+            .collect()
+    }
+
+    /// Pools, then LUNs; returns what failed.
+    async fn reconcile_storage(
+        &self,
+        typed: &Typed,
+        new_pools: &[String],
+        delete: &[String],
+    ) -> Vec<String> {
+        let online = self.online_disks();
+        self.storage
+            .reconcile_pools(&typed.pools, &online, new_pools)
+            .await;
+        let mut warnings: Vec<String> = self
+            .storage
+            .list()
+            .into_iter()
+            .filter_map(|p| p.error.map(|e| format!("pool {}: {e}", p.name)))
+            .collect();
+        for (lun, e) in self.storage.reconcile_luns(&typed.luns, delete).await {
+            warnings.push(format!("lun {lun}: {e}"));
+        }
+        warnings
+    }
+
+    async fn reconcile_targets(&self, typed: &Typed) -> Result<(), ApiError> {
+        self.targets
+            .reconcile(
+                typed.nbd.as_ref(),
+                typed.iscsi.as_ref(),
+                &self.storage,
+                &self.store,
+                self.target_tls.clone(),
+            )
+            .await
+    }
+
+    /// Checks pools and LUNs against what runs: pools on new disks only where the disks
+    /// are blank or already hold that pool, nothing that loses data (a shrink, a
+    /// dropped LUN or pool) unless asked for explicitly. Returns the pools to create.
+    async fn check_storage(
+        &self,
+        desired: &DesiredState,
+        before: &DesiredState,
+        typed: &Typed,
+        opts: &ApplyOptions,
+        errors: &mut Vec<ConfigError>,
+    ) -> Vec<String> {
+        let line = |kind: &str, name: &str| Typed::line_of(&desired.sections, kind, Some(name));
+        let known: Vec<String> = before
+            .sections
+            .pool
+            .iter()
+            .filter_map(|s| s.name().map(String::from))
+            .collect();
+        let running = self.storage.specs();
+        let mut new_pools = Vec::new();
+        for spec in &typed.pools {
+            let err = |m: String| {
+                ConfigError::on_line(
+                    line("pool", &spec.name),
+                    format!("pool {:?}: {m}", spec.name),
+                )
+            };
+            if let Some(old) = running.iter().find(|p| p.name == spec.name) {
+                if old.raid != spec.raid || old.chunk != spec.chunk || old.journal != spec.journal {
+                    errors.push(err(
+                        "RAID level, chunk and journal cannot change after creation".into(),
+                    ));
+                }
+                if let Some(array) = self.storage.array(&spec.name) {
+                    let status = array.status();
+                    let removed_active: Vec<&String> = status
+                        .members
+                        .iter()
+                        .filter(|m| m.state == basalt_raid::RoleState::InSync)
+                        .map(|m| &m.label)
+                        .filter(|l| !spec.all_disks().any(|d| d == *l))
+                        .collect();
+                    let added = spec
+                        .all_disks()
+                        .filter(|d| !old.all_disks().any(|o| o == *d))
+                        .count();
+                    if !removed_active.is_empty() && added < removed_active.len() {
+                        errors.push(err(format!(
+                            "disk {:?} is an active member; replace it (`basalt disk replace`) rather than drop it",
+                            removed_active[0]
+                        )));
+                    }
+                }
+                continue;
+            }
+            if known.contains(&spec.name) {
+                // Declared before but not up (missing disks): it is retried, never created.
+                continue;
+            }
+            let online = self.online_disks();
+            let mut devices = Vec::new();
+            for d in spec.all_disks() {
+                match online.get(d) {
+                    Some(dev) => devices.push((d.clone(), dev.clone())),
+                    None => errors.push(err(format!("disk {d:?} is not online"))),
+                }
+            }
+            if devices.len() == spec.all_disks().count() {
+                match inspect_disks(&spec.name, &devices).await {
+                    Ok(_) => new_pools.push(spec.name.clone()),
+                    Err(e) => errors.push(err(e)),
+                }
+            }
+        }
+        for old in &running {
+            if !typed.pools.iter().any(|p| p.name == old.name)
+                && !opts.export_pools.contains(&old.name)
+            {
+                errors.push(ConfigError::on_line(None, format!(
+                    "pool {:?} is running; apply never stops a pool: export it with `basalt pool export {}`",
+                    old.name, old.name
+                )));
+            }
+        }
+
+        let volumes = self.storage.volumes();
+        for spec in &typed.luns {
+            let err = |m: String| {
+                ConfigError::on_line(line("lun", &spec.name), format!("lun {:?}: {m}", spec.name))
+            };
+            if let Some((pool, v)) = volumes.iter().find(|(_, v)| v.name == spec.name) {
+                if pool != &spec.pool {
+                    errors.push(err(format!(
+                        "a volume of that name exists in pool {pool:?}"
+                    )));
+                } else if let Some(p) = self.storage.pool(pool) {
+                    if let Some(problem) = check_lun(spec, &p) {
+                        errors.push(err(problem));
+                    }
+                }
+                let _ = v;
+            } else if let Some(p) = self.storage.pool(&spec.pool) {
+                let pool_block = self
+                    .storage
+                    .array(&spec.pool)
+                    .map(|a| basalt_blockdev::BlockDev::geometry(a.as_ref()).block_size)
+                    .unwrap_or(DEFAULT_LUN_BLOCK_SIZE);
+                if spec.block_size() < pool_block {
+                    errors.push(err(format!(
+                        "block size {} is below the pool's {pool_block}",
+                        spec.block_size()
+                    )));
+                }
+                if spec.provisioning != ProvisioningSpec::Thin && p.usage().free_bytes < spec.size.0
+                {
+                    errors.push(err(format!(
+                        "a thick LUN of {} needs that much free space; pool {:?} has {}",
+                        spec.size,
+                        spec.pool,
+                        ByteSize(p.usage().free_bytes).human()
+                    )));
+                }
+            }
+        }
+        let declared: Vec<&str> = typed.luns.iter().map(|l| l.name.as_str()).collect();
+        for (pool, v) in &volumes {
+            let was_declared = before
+                .sections
+                .lun
+                .iter()
+                .any(|s| s.name() == Some(v.name.as_str()));
+            if was_declared
+                && !declared.contains(&v.name.as_str())
+                && !opts.delete_luns.contains(&v.name)
+                && !opts.export_pools.contains(pool)
+            {
+                errors.push(ConfigError::on_line(None, format!(
+                    "LUN {:?} in pool {pool:?} holds data; apply never deletes it: use `basalt lun delete {}`",
+                    v.name, v.name
+                )));
+            }
+        }
+        new_pools
     }
 
     /// Flushes every disk and the store; called once at shutdown.
     pub async fn shutdown(&self) {
+        self.targets.stop_all().await;
+        self.storage.stop_all().await;
         let devs: Vec<_> = self
             .disks_ref()
             .disks
@@ -446,6 +782,53 @@ impl Appliance {
         self.switches.stop_all().await;
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = %e, "store flush at shutdown failed");
+        }
+    }
+}
+
+/// Options of an apply: the explicit, data-losing operations it may carry out.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Check and describe, change nothing.
+    pub dry_run: bool,
+    /// LUNs to delete when their sections are gone (`basalt lun delete`).
+    pub delete_luns: Vec<String>,
+    /// Pools to stop when their sections are gone (`basalt pool export`).
+    pub export_pools: Vec<String>,
+}
+
+/// Exports must name LUNs that are declared or exist (snapshots); iSCSI's own checks.
+fn check_targets(
+    desired: &DesiredState,
+    typed: &Typed,
+    storage: &Storage,
+    errors: &mut Vec<ConfigError>,
+) {
+    let exists =
+        |name: &str| typed.luns.iter().any(|l| l.name == name) || storage.find_lun(name).is_some();
+    if let Some(cfg) = &typed.nbd {
+        let line = desired.sections.nbd.as_ref().and_then(|s| s.line);
+        for name in nbd_exports(cfg) {
+            if !exists(&name) {
+                errors.push(ConfigError::on_line(
+                    line,
+                    format!("nbd export {name:?}: no LUN of that name"),
+                ));
+            }
+        }
+    }
+    if let Some(cfg) = &typed.iscsi {
+        let line = desired.sections.iscsi.as_ref().and_then(|s| s.line);
+        for name in iscsi_units(cfg) {
+            if !exists(&name) {
+                errors.push(ConfigError::on_line(
+                    line,
+                    format!("iscsi: LUN {name:?} does not exist"),
+                ));
+            }
+        }
+        if let Err(e) = cfg.validate(|_| true) {
+            errors.push(ConfigError::on_line(line, format!("iscsi: {e}")));
         }
     }
 }

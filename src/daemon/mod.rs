@@ -10,7 +10,9 @@ pub mod disks;
 pub mod listeners;
 pub mod sections;
 pub mod security;
+pub mod storage;
 pub mod switches;
+pub mod targets;
 
 use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
@@ -66,7 +68,8 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let lock = lock_data_dir(&data_dir)?;
 
     let token = security::admin_token(&data_dir)?;
-    let tls = security::tls_config(&data_dir)?;
+    let tls = security::tls_config(&data_dir, &[b"h2", b"http/1.1"])?;
+    let target_tls = security::tls_config(&data_dir, &[])?;
     let store_dir = data_dir.join(STORE_DIR);
     let store = {
         let dir = store_dir.clone();
@@ -77,9 +80,15 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let shutdown = CancellationToken::new();
     let listeners = Listeners::new(tokio_rustls::TlsAcceptor::from(tls), shutdown.clone());
     let socket = data_dir.join(SOCKET_FILE);
-    let appliance = Appliance::new(data_dir.clone(), socket.clone(), store, listeners.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let appliance = Appliance::new(
+        data_dir.clone(),
+        socket.clone(),
+        store,
+        listeners.clone(),
+        target_tls,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // The router first: applying --config may start listeners, which serve it.
     let state = ApiState {

@@ -77,7 +77,7 @@ pub fn admin_token(data_dir: &Path) -> Result<String> {
 }
 
 /// Loads the TLS server configuration, making a self-signed certificate at first start.
-pub fn tls_config(data_dir: &Path) -> Result<Arc<rustls::ServerConfig>> {
+pub fn tls_config(data_dir: &Path, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>> {
     let dir = data_dir.join(TLS_DIR);
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cert_path = dir.join(CERT_FILE);
@@ -116,7 +116,7 @@ pub fn tls_config(data_dir: &Path) -> Result<Arc<rustls::ServerConfig>> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .context("the TLS certificate and key do not match")?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
@@ -162,9 +162,9 @@ mod tests {
     #[test]
     fn tls_config_is_made_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
-        tls_config(dir.path()).unwrap();
+        tls_config(dir.path(), &[]).unwrap();
         let cert1 = fs::read(dir.path().join(TLS_DIR).join(CERT_FILE)).unwrap();
-        tls_config(dir.path()).unwrap();
+        tls_config(dir.path(), &[]).unwrap();
         let cert2 = fs::read(dir.path().join(TLS_DIR).join(CERT_FILE)).unwrap();
         assert_eq!(cert1, cert2);
     }
