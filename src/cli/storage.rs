@@ -155,7 +155,11 @@ pub(crate) fn report(args: &ClientArgs, result: &ApplyResult, done: &str) -> Res
 
 fn progress_bar(done: u64, total: u64) -> String {
     const WIDTH: usize = 30;
-    let fraction = if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
+    let fraction = if total == 0 {
+        1.0
+    } else {
+        (done as f64 / total as f64).min(1.0)
+    };
     let filled = (fraction * WIDTH as f64) as usize;
     format!(
         "[{}{}] {:.1}%",
