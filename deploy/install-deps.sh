@@ -15,10 +15,12 @@ build_pkgs=(clang libclang-dev make pkg-config git curl ca-certificates libiscsi
 # qemu-img's iscsi driver (qemu-block-extra,
 # which must match qemu-utils 10 from bookworm-backports), tgt (a second iSCSI target
 # for the initiator's tests), and the network peers of the vSwitch tests (ip, ping,
-# iperf3, tshark), and ISA-L (libisal2) as the independent check of RAID6 parity.
+# iperf3, tshark), ISA-L (libisal2) as the independent check of RAID6 parity, and for
+# the compute tests QEMU (qemu-system-x86, from backports like qemu-utils), nbdkit, and
+# what builds the test guest's initramfs (kmod, cpio, gzip, e2fsprogs).
 test_pkgs=(prometheus curl util-linux fio libiscsi-bin libnbd-bin qemu-utils tgt
-  iproute2 iputils-ping iperf3 tshark libisal2)
-backports_test_pkgs=(qemu-block-extra)
+  iproute2 iputils-ping iperf3 tshark libisal2 nbdkit e2fsprogs kmod cpio gzip)
+backports_test_pkgs=(qemu-block-extra qemu-system-x86)
 # Baselines of the benchmarks: fio, tgt (iSCSI), nbdkit and qemu-nbd (NBD), Open vSwitch
 # (userspace datapath) and iperf3.
 bench_pkgs=(fio tgt libiscsi-bin nbdkit libnbd-bin qemu-utils openvswitch-switch ethtool

@@ -1,0 +1,655 @@
+//! The supervisor the daemon holds: one `basalt vmm` process per running VM.
+//!
+//! [`Supervisor::start`] asks the daemon's [`Resolver`] how this host reaches the VM's
+//! disks and NICs (it exports LUNs over NBD on a unix socket and makes TAPs in the
+//! right port groups), then spawns `PROGRAM vmm --vm-dir DIR --disk ... --nic ...` with
+//! the TAP fds inherited, stderr appended to `vmm.log`, and its own session (so a
+//! signal to the daemon's process group does not reach it). A task per VM waits for the
+//! process and records how it ended in `status.json` ([`ExitRecord`]: code or signal,
+//! the VMM's own last words, whether it was asked). Then, by exit code:
+//!
+//! - [`EXIT_OK`] or a requested stop: `stopped`.
+//! - [`EXIT_RESET`] (guest reboot): started again at once.
+//! - [`EXIT_SETUP`]: `failed` (restarting cannot help).
+//! - anything else (crash, signal): `crashed`, and restarted per the VM's
+//!   [`CrashPolicy`](crate::definition::CrashPolicy) with exponential backoff, up to
+//!   `max_restarts` in a row; a run longer than `stable_after_secs` resets the count.
+//!
+//! A VMM crash touches nothing else: storage stays in the daemon, other VMs are other
+//! processes. VMM processes also outlive a daemon restart: [`Supervisor::recover`]
+//! re-adopts the live ones (through a pidfd, since they are no longer its children)
+//! and marks the dead ones crashed.
+
+use crate::definition::VmDefinition;
+use crate::launch::{VmmArgs, EXIT_LINE_PREFIX, EXIT_OK, EXIT_RESET, EXIT_SETUP};
+use crate::store::{now_ms, ExitRecord, StoreError, VmState, VmStatus, VmStore};
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+
+/// Why a supervisor operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SupervisorError {
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The VM runs already.
+    #[error("VM {0:?} is already running")]
+    AlreadyRunning(String),
+    /// The VM does not run.
+    #[error("VM {0:?} is not running")]
+    NotRunning(String),
+    /// The daemon could not provide the VM's disks or NICs.
+    #[error("VM {name:?}: {reason}")]
+    Resolve {
+        /// The VM.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The VMM process could not be spawned.
+    #[error("cannot start the VMM for {name:?}: {source}")]
+    Spawn {
+        /// The VM.
+        name: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting timed out.
+    #[error("VM {name:?}: timed out waiting for {what}")]
+    Timeout {
+        /// The VM.
+        name: String,
+        /// For what.
+        what: String,
+    },
+}
+
+/// How to start VMM processes.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// The program (the `basalt` binary; tests use the crate's `basalt-compute-vmm`).
+    pub program: PathBuf,
+    /// Arguments before the VMM's own (`["vmm"]` for `basalt vmm`).
+    pub args_prefix: Vec<OsString>,
+    /// Extra environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// How long a stop waits for the VMM to end (after which it is killed).
+    pub stop_timeout: Duration,
+    /// Passed to the VMM as `--stop-grace-secs`: how long it waits for the guest.
+    pub guest_grace: Duration,
+}
+
+impl SupervisorConfig {
+    /// `program vmm ...` with a 10 s guest grace and a 20 s stop timeout.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        SupervisorConfig {
+            program: program.into(),
+            args_prefix: vec!["vmm".into()],
+            env: Vec::new(),
+            stop_timeout: Duration::from_secs(20),
+            guest_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the daemon hands a VMM: its arguments (disk and NIC endpoints, user) and the fds
+/// the child inherits (TAPs; `NicEndpoint::TapFd` names their numbers in this process).
+#[derive(Debug)]
+pub struct Launch {
+    /// Arguments (`vm_dir` is filled in by the supervisor).
+    pub args: VmmArgs,
+    /// fds the child keeps; closed in the daemon after the spawn.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// The daemon's side of a start: turn LUNs into NBD exports and port groups into TAPs.
+/// Called before every (re)start.
+pub trait Resolver: Send + Sync {
+    /// Endpoints for `def` in folder `dir`.
+    fn resolve(&self, def: &VmDefinition, dir: &Path) -> Result<Launch, String>;
+}
+
+/// A resolver that hands nothing over: file and NBD disks only, no NICs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHandover;
+
+impl Resolver for NoHandover {
+    fn resolve(&self, _def: &VmDefinition, dir: &Path) -> Result<Launch, String> {
+        Ok(Launch {
+            args: VmmArgs::new(dir),
+            fds: Vec::new(),
+        })
+    }
+}
+
+enum Control {
+    Stop,
+    Kill,
+}
+
+struct VmHandle {
+    status: watch::Sender<VmStatus>,
+    ctl: mpsc::UnboundedSender<Control>,
+}
+
+/// See the [module docs](self).
+pub struct Supervisor {
+    store: VmStore,
+    cfg: SupervisorConfig,
+    resolver: Arc<dyn Resolver>,
+    vms: Mutex<HashMap<String, Arc<VmHandle>>>,
+}
+
+/// A VMM process: our child, or one adopted after a daemon restart.
+enum Proc {
+    Child(tokio::process::Child),
+    Adopted { pid: u32, pidfd: AsyncFd<OwnedFd> },
+}
+
+impl Proc {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted { pid, .. } => Some(*pid),
+        }
+    }
+
+    /// Waits for the end: (exit code, signal).
+    async fn wait(&mut self) -> (Option<i32>, Option<i32>) {
+        match self {
+            Proc::Child(c) => match c.wait().await {
+                Ok(st) => (st.code(), st.signal()),
+                Err(_) => (None, None),
+            },
+            Proc::Adopted { pidfd, .. } => {
+                // A pidfd becomes readable when the process exits; the status belongs to
+                // its real parent (gone), so only the VMM's last words tell why.
+                let _ = pidfd.readable().await;
+                (None, None)
+            }
+        }
+    }
+}
+
+fn signal_pid(pid: Option<u32>, sig: i32) {
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) on a VMM we started or adopted. It is reaped only by
+        // `Proc::wait`, after which no more signals are sent to this pid.
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) with a pid and no flags; the returned fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The VMM's own account of its end: the last `vmm: exit:` line written to `vmm.log`
+/// after `offset`.
+fn last_words(log: &Path, offset: u64) -> Option<String> {
+    let mut f = std::fs::File::open(log).ok()?;
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut text = String::new();
+    f.take(1 << 20).read_to_string(&mut text).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(EXIT_LINE_PREFIX).map(str::to_string))
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGSEGV => "SIGSEGV".into(),
+        libc::SIGABRT => "SIGABRT (panic or abort)".into(),
+        libc::SIGSYS => "SIGSYS (seccomp violation)".into(),
+        libc::SIGBUS => "SIGBUS".into(),
+        other => format!("signal {other}"),
+    }
+}
+
+impl Supervisor {
+    /// A supervisor over `store`.
+    pub fn new(store: VmStore, cfg: SupervisorConfig, resolver: Arc<dyn Resolver>) -> Arc<Self> {
+        Arc::new(Supervisor {
+            store,
+            cfg,
+            resolver,
+            vms: Mutex::default(),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &VmStore {
+        &self.store
+    }
+
+    /// The console log and attach socket of VM `name`.
+    pub fn console_paths(&self, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self.store.dir(name);
+        (dir.join("console.log"), dir.join("console.sock"))
+    }
+
+    fn handle(&self, name: &str) -> Option<Arc<VmHandle>> {
+        self.vms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    fn update(&self, name: &str, h: &VmHandle, f: impl FnOnce(&mut VmStatus)) -> VmStatus {
+        let mut out = h.status.borrow().clone();
+        f(&mut out);
+        // The file first, then the watchers: whoever sees the new state (a stop() that
+        // returns, say) also finds it on disk. The file is a record for humans and for
+        // recover(); losing one write to a full disk is not worth failing the VM for.
+        let _ = self.store.set_status(name, &out);
+        h.status.send_replace(out.clone());
+        out
+    }
+
+    /// The status: live when supervised, else as recorded.
+    pub fn status(&self, name: &str) -> Result<VmStatus, SupervisorError> {
+        self.store.get(name).map(|_| ()).or_else(|e| match e {
+            StoreError::Invalid(_) => Ok(()),
+            e => Err(e),
+        })?;
+        Ok(match self.handle(name) {
+            Some(h) => h.status.borrow().clone(),
+            None => self.store.status(name),
+        })
+    }
+
+    /// Every VM with its status.
+    pub fn list(&self) -> Result<Vec<(String, VmStatus)>, SupervisorError> {
+        let mut out = Vec::new();
+        for e in self.store.list()? {
+            let st = match self.handle(&e.name) {
+                Some(h) => h.status.borrow().clone(),
+                None => e.status,
+            };
+            out.push((e.name, st));
+        }
+        Ok(out)
+    }
+
+    fn spawn_vmm(&self, def: &VmDefinition) -> Result<(Proc, u64), SupervisorError> {
+        let dir = self.store.dir(&def.name);
+        let launch =
+            self.resolver
+                .resolve(def, &dir)
+                .map_err(|reason| SupervisorError::Resolve {
+                    name: def.name.clone(),
+                    reason,
+                })?;
+        let mut args = launch.args;
+        args.vm_dir = dir.clone();
+        args.stop_grace = self.cfg.guest_grace;
+        let log_path = dir.join("vmm.log");
+        let spawn_err = |source| SupervisorError::Spawn {
+            name: def.name.clone(),
+            source,
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(spawn_err)?;
+        let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut cmd = tokio::process::Command::new(&self.cfg.program);
+        cmd.args(&self.cfg.args_prefix)
+            .args(args.to_args())
+            .envs(self.cfg.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(false);
+        let keep: Vec<i32> = launch.fds.iter().map(|f| f.as_raw_fd()).collect();
+        // SAFETY: the closure runs between fork and exec and makes only
+        // async-signal-safe calls (setsid, fcntl).
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                for &fd in &keep {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags >= 0 {
+                        libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(spawn_err)?;
+        drop(launch.fds);
+        Ok((Proc::Child(child), offset))
+    }
+
+    /// Starts VM `name`; returns the VMM's pid once it is spawned.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<u32, SupervisorError> {
+        let def = self.store.get(name)?;
+        let (status_tx, _) = watch::channel(VmStatus {
+            state: VmState::Starting,
+            restarts: 0,
+            ..self.store.status(name)
+        });
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let handle = Arc::new(VmHandle {
+            status: status_tx,
+            ctl: ctl_tx,
+        });
+        {
+            let mut vms = self.vms.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(h) = vms.get(name) {
+                if h.status.borrow().state.is_active() {
+                    return Err(SupervisorError::AlreadyRunning(name.to_string()));
+                }
+            }
+            vms.insert(name.to_string(), handle.clone());
+        }
+        let runner = crate::launch::choose_runner(&def, None);
+        let (proc, offset) = match self.spawn_vmm(&def) {
+            Ok(p) => p,
+            Err(e) => {
+                self.update(name, &handle, |s| {
+                    s.state = VmState::Failed;
+                    s.pid = None;
+                    s.last_exit = Some(ExitRecord {
+                        at_ms: now_ms(),
+                        reason: e.to_string(),
+                        ..ExitRecord::default()
+                    });
+                });
+                return Err(e);
+            }
+        };
+        let pid = proc.pid().unwrap_or(0);
+        self.update(name, &handle, |s| {
+            s.state = VmState::Running;
+            s.pid = Some(pid);
+            s.runner = Some(format!("{runner:?}").to_lowercase());
+            s.started_at_ms = now_ms();
+        });
+        let me = self.clone();
+        let n = name.to_string();
+        tokio::spawn(async move { me.monitor(n, handle, proc, offset, ctl_rx).await });
+        Ok(pid)
+    }
+
+    async fn monitor(
+        self: Arc<Self>,
+        name: String,
+        handle: Arc<VmHandle>,
+        mut proc: Proc,
+        mut offset: u64,
+        mut ctl: mpsc::UnboundedReceiver<Control>,
+    ) {
+        let log = self.store.dir(&name).join("vmm.log");
+        loop {
+            let started = Instant::now();
+            let mut requested = false;
+            let mut kill_at: Option<tokio::time::Instant> = None;
+            let pid = proc.pid();
+            let (code, signal) = loop {
+                let sleep_until = kill_at
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    r = proc.wait() => break r,
+                    c = ctl.recv() => match c {
+                        Some(Control::Stop) => {
+                            requested = true;
+                            self.update(&name, &handle, |s| s.state = VmState::Stopping);
+                            signal_pid(pid, libc::SIGTERM);
+                            kill_at = Some(tokio::time::Instant::now() + self.cfg.stop_timeout);
+                        }
+                        Some(Control::Kill) => {
+                            requested = true;
+                            self.update(&name, &handle, |s| s.state = VmState::Stopping);
+                            signal_pid(pid, libc::SIGKILL);
+                        }
+                        None => {}
+                    },
+                    _ = tokio::time::sleep_until(sleep_until) => {
+                        signal_pid(pid, libc::SIGKILL);
+                        kill_at = None;
+                    }
+                }
+            };
+            let words = last_words(&log, offset);
+            let reason = match (code, signal, words) {
+                (_, Some(sig), _) => format!("killed by {}", signal_name(sig)),
+                (_, _, Some(w)) => w,
+                (Some(c), _, None) => format!("exited with code {c}"),
+                (None, None, None) => "the VMM ended (adopted process; no status)".into(),
+            };
+            let record = ExitRecord {
+                at_ms: now_ms(),
+                code,
+                signal,
+                reason,
+                requested,
+            };
+            let def = self.store.get(&name).ok();
+            let policy = def.as_ref().map(|d| d.on_crash.clone()).unwrap_or_default();
+            let crashed = !requested
+                && code != Some(EXIT_OK)
+                && code != Some(EXIT_RESET)
+                && code != Some(EXIT_SETUP);
+            let stable = started.elapsed() >= Duration::from_secs(policy.stable_after_secs);
+            let st = self.update(&name, &handle, |s| {
+                s.pid = None;
+                s.last_exit = Some(record.clone());
+                if stable {
+                    s.restarts = 0;
+                }
+                s.state = if requested || code == Some(EXIT_OK) {
+                    VmState::Stopped
+                } else if code == Some(EXIT_SETUP) {
+                    VmState::Failed
+                } else if code == Some(EXIT_RESET) {
+                    VmState::Starting
+                } else {
+                    VmState::Crashed
+                };
+            });
+            let restart = match (code, def.as_ref()) {
+                (_, None) => false,
+                _ if requested => false,
+                (Some(EXIT_RESET), _) => true,
+                _ => crashed && policy.restart && st.restarts < policy.max_restarts,
+            };
+            if !restart {
+                return;
+            }
+            if crashed {
+                let backoff = Duration::from_millis(policy.backoff_ms)
+                    .saturating_mul(1 << st.restarts.min(16))
+                    .min(Duration::from_secs(60));
+                self.update(&name, &handle, |s| {
+                    s.restarts += 1;
+                    s.state = VmState::Starting;
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    c = ctl.recv() => {
+                        if matches!(c, Some(Control::Stop) | Some(Control::Kill)) {
+                            self.update(&name, &handle, |s| s.state = VmState::Stopped);
+                            return;
+                        }
+                    }
+                }
+            }
+            let Some(def) = def else { return };
+            match self.spawn_vmm(&def) {
+                Ok((p, o)) => {
+                    proc = p;
+                    offset = o;
+                    let pid = proc.pid();
+                    self.update(&name, &handle, |s| {
+                        s.state = VmState::Running;
+                        s.pid = pid;
+                        s.started_at_ms = now_ms();
+                    });
+                }
+                Err(e) => {
+                    self.update(&name, &handle, |s| {
+                        s.state = VmState::Failed;
+                        s.last_exit = Some(ExitRecord {
+                            at_ms: now_ms(),
+                            reason: e.to_string(),
+                            ..ExitRecord::default()
+                        });
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits until the status of `name` satisfies `pred`.
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&VmStatus) -> bool,
+    ) -> Result<VmStatus, SupervisorError> {
+        let Some(h) = self.handle(name) else {
+            return Err(SupervisorError::NotRunning(name.to_string()));
+        };
+        let mut rx = h.status.subscribe();
+        let res = tokio::time::timeout(timeout, async {
+            loop {
+                {
+                    let s = rx.borrow_and_update();
+                    if pred(&s) {
+                        return s.clone();
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return rx.borrow().clone();
+                }
+            }
+        })
+        .await;
+        res.map_err(|_| SupervisorError::Timeout {
+            name: name.to_string(),
+            what: "a status change".into(),
+        })
+    }
+
+    async fn control(&self, name: &str, c: Control) -> Result<VmStatus, SupervisorError> {
+        let h = self
+            .handle(name)
+            .filter(|h| h.status.borrow().state.is_active())
+            .ok_or_else(|| SupervisorError::NotRunning(name.to_string()))?;
+        let _ = h.ctl.send(c);
+        self.wait_for(name, self.cfg.stop_timeout + Duration::from_secs(10), |s| {
+            !s.state.is_active()
+        })
+        .await
+    }
+
+    /// Stops VM `name`: SIGTERM to the VMM (the guest gets the ACPI power button on the
+    /// QEMU runner), SIGKILL after the stop timeout. Returns the final status.
+    pub async fn stop(&self, name: &str) -> Result<VmStatus, SupervisorError> {
+        self.control(name, Control::Stop).await
+    }
+
+    /// Kills VM `name` at once (SIGKILL to the VMM).
+    pub async fn kill(&self, name: &str) -> Result<VmStatus, SupervisorError> {
+        self.control(name, Control::Kill).await
+    }
+
+    /// Deletes a stopped VM's folder.
+    pub fn delete(&self, name: &str) -> Result<(), SupervisorError> {
+        if let Some(h) = self.handle(name) {
+            if h.status.borrow().state.is_active() {
+                return Err(StoreError::Running(name.to_string()).into());
+            }
+        }
+        self.store.delete(name)?;
+        self.vms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        Ok(())
+    }
+
+    /// After a daemon restart: re-adopts the VMM processes that still run (by the pid
+    /// recorded in `status.json`, checked against `/proc/PID/cmdline`) and records the
+    /// ones that died meanwhile as crashed. Returns the names of adopted VMs.
+    pub async fn recover(self: &Arc<Self>) -> Result<Vec<String>, SupervisorError> {
+        let mut adopted = Vec::new();
+        for e in self.store.list()? {
+            if !e.status.state.is_active() || self.handle(&e.name).is_some() {
+                continue;
+            }
+            let alive = e.status.pid.filter(|&pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| {
+                        let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                        c.contains("--vm-dir") && c.contains(&*e.dir.to_string_lossy())
+                    })
+                    .unwrap_or(false)
+            });
+            let (status_tx, _) = watch::channel(e.status.clone());
+            let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+            let handle = Arc::new(VmHandle {
+                status: status_tx,
+                ctl: ctl_tx,
+            });
+            self.vms
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(e.name.clone(), handle.clone());
+            let fd = alive.and_then(|pid| pidfd_open(pid).ok().map(|fd| (pid, fd)));
+            // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it (and so keeps it
+            // open and unchanged) until it is dropped.
+            let registered =
+                fd.and_then(|(pid, fd)| unsafe { AsyncFd::register(fd) }.ok().map(|a| (pid, a)));
+            match registered {
+                Some((pid, pidfd)) => {
+                    let offset = std::fs::metadata(e.dir.join("vmm.log"))
+                        .map(|m| m.len())
+                        .unwrap_or(0);
+                    let me = self.clone();
+                    let name = e.name.clone();
+                    tokio::spawn(async move {
+                        me.monitor(name, handle, Proc::Adopted { pid, pidfd }, offset, ctl_rx)
+                            .await
+                    });
+                    adopted.push(e.name);
+                }
+                None => {
+                    self.update(&e.name, &handle, |s| {
+                        s.state = VmState::Crashed;
+                        s.pid = None;
+                        s.last_exit = Some(ExitRecord {
+                            at_ms: now_ms(),
+                            reason: "the VMM was gone when the daemon restarted".into(),
+                            ..ExitRecord::default()
+                        });
+                    });
+                }
+            }
+        }
+        Ok(adopted)
+    }
+}

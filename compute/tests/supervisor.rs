@@ -1,0 +1,394 @@
+//! The supervisor with real VMM processes (`basalt-compute-vmm`, the built-in runner
+//! under KVM, seccomp on): power-off, crash and restart, stop, kill, setup failure,
+//! console attach, and re-adoption after a "daemon restart". The guests are small
+//! 64-bit programs wrapped as vmlinux-style ELF kernels (`vmm::boot::flat_elf`), so
+//! they boot through the same loader path as Linux.
+//!
+//! Needs `/dev/kvm`; fails with a clear message without it.
+
+use basalt_compute::definition::VmDefinition;
+use basalt_compute::store::{VmState, VmStore};
+use basalt_compute::supervisor::{NoHandover, Supervisor, SupervisorConfig};
+use basalt_compute::vmm::boot::{console_program, flat_elf};
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("these tests need a usable /dev/kvm (as root, or in group kvm): {e}");
+    }
+}
+
+/// `print text; then jmp $` — runs until stopped.
+fn spinning(text: &[u8]) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03];
+    for &b in text {
+        c.extend_from_slice(&[0xb0, b, 0xee]);
+    }
+    c.extend_from_slice(&[0xeb, 0xfe]);
+    c
+}
+
+/// Echoes every byte received on COM1 (polls LSR, reads RBR, writes THR).
+const ECHO: [u8; 21] = [
+    0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xfb, 0x66, 0xba, 0xf8, 0x03, 0xec, 0xee, 0x66,
+    0xba, 0xfd, 0x03, 0xeb, 0xef,
+];
+
+struct Rig {
+    _tmp: tempfile::TempDir,
+    sup: Arc<Supervisor>,
+}
+
+fn rig() -> Rig {
+    require_kvm();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = VmStore::open(tmp.path().join("vms")).expect("store");
+    let mut cfg = SupervisorConfig::new(env!("CARGO_BIN_EXE_basalt-compute-vmm"));
+    cfg.args_prefix.clear();
+    cfg.stop_timeout = Duration::from_secs(5);
+    let sup = Supervisor::new(store, cfg, Arc::new(NoHandover));
+    Rig { _tmp: tmp, sup }
+}
+
+impl Rig {
+    fn create(&self, name: &str, program: &[u8], extra: &str) {
+        let def = VmDefinition::from_json(&format!(
+            r#"{{"name":"{name}","vcpus":2,"memory_mib":64,"runner":"builtin",
+                "boot":{{"kind":"kernel","kernel":"kernel.elf","cmdline":"console=ttyS0"}}{extra}}}"#
+        ))
+        .expect("def");
+        let dir = self.sup.store().create(&def).expect("create");
+        std::fs::write(dir.join("kernel.elf"), flat_elf(program, 0x20_0000)).expect("kernel");
+    }
+
+    fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.sup.console_paths(name).0).unwrap_or_default()
+    }
+
+    fn vmm_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.sup.store().dir(name).join("vmm.log")).unwrap_or_default()
+    }
+}
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_powers_off_is_stopped() {
+    let r = rig();
+    r.create(
+        "off",
+        &console_program(b"hello from the guest\n", false),
+        "",
+    );
+    r.sup.start("off").await.expect("start");
+    let st = r
+        .sup
+        .wait_for("off", T, |s| !s.state.is_active())
+        .await
+        .expect("wait");
+    assert_eq!(st.state, VmState::Stopped, "{st:?}\n{}", r.vmm_log("off"));
+    let exit = st.last_exit.expect("exit");
+    assert_eq!((exit.code, exit.requested), (Some(0), false));
+    assert_eq!(exit.reason, "guest powered off");
+    assert_eq!(r.console("off"), "hello from the guest\n");
+    assert!(r.vmm_log("off").contains("seccomp filter installed"));
+    // The record is on disk too, for `basalt vm list` after a daemon restart.
+    assert_eq!(r.sup.store().status("off").state, VmState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_guest_is_restarted_then_given_up_on() {
+    let r = rig();
+    r.create(
+        "crashy",
+        &console_program(b"boot\n", true),
+        r#","on_crash":{"restart":true,"max_restarts":2,"backoff_ms":10,"stable_after_secs":60}"#,
+    );
+    r.sup.start("crashy").await.expect("start");
+    let st = r
+        .sup
+        .wait_for("crashy", T, |s| {
+            s.state == VmState::Crashed && s.restarts == 2
+        })
+        .await
+        .expect("wait");
+    let exit = st.last_exit.expect("exit");
+    assert_eq!(exit.code, Some(2));
+    assert!(!exit.requested);
+    assert!(
+        exit.reason.contains("triple-faulted") || exit.reason.contains("vCPU 0"),
+        "{exit:?}"
+    );
+    // Three runs in all: the first and two restarts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        r.console("crashy").matches("boot\n").count(),
+        3,
+        "{}",
+        r.console("crashy")
+    );
+    assert_eq!(
+        r.sup.status("crashy").expect("status").state,
+        VmState::Crashed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_kill_a_running_guest() {
+    let r = rig();
+    r.create("spin", &spinning(b"up\n"), "");
+    r.sup.start("spin").await.expect("start");
+    assert!(
+        r.sup.start("spin").await.is_err(),
+        "a second start is refused"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = r.sup.stop("spin").await.expect("stop");
+    assert_eq!(st.state, VmState::Stopped);
+    let exit = st.last_exit.expect("exit");
+    assert!(exit.requested && exit.code == Some(0), "{exit:?}");
+    assert_eq!(exit.reason, "stopped on request");
+
+    r.sup.start("spin").await.expect("start again");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = r.sup.kill("spin").await.expect("kill");
+    assert_eq!(st.state, VmState::Stopped);
+    let exit = st.last_exit.expect("exit");
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+    assert!(exit.requested);
+    assert_eq!(r.console("spin"), "up\nup\n");
+    assert!(r.sup.kill("spin").await.is_err(), "nothing to kill");
+    r.sup.delete("spin").expect("delete");
+    assert!(r.sup.store().get("spin").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_cannot_start_is_failed_with_the_reason() {
+    let r = rig();
+    r.create("nokernel", &spinning(b""), "");
+    std::fs::remove_file(r.sup.store().dir("nokernel").join("kernel.elf")).expect("rm");
+    r.sup.start("nokernel").await.expect("the process starts");
+    let st = r
+        .sup
+        .wait_for("nokernel", T, |s| !s.state.is_active())
+        .await
+        .expect("wait");
+    assert_eq!(st.state, VmState::Failed);
+    let exit = st.last_exit.expect("exit");
+    assert_eq!(exit.code, Some(1));
+    assert!(exit.reason.contains("kernel.elf"), "{exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_attach_talks_to_the_uart() {
+    let r = rig();
+    r.create("echo", &ECHO, "");
+    r.sup.start("echo").await.expect("start");
+    let sock = r.sup.console_paths("echo").1;
+    let deadline = std::time::Instant::now() + T;
+    let mut conn = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "attach: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(b"ping over the console").expect("type");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < 21 {
+        let n = conn.read(&mut buf).expect("echo");
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(&got, b"ping over the console");
+    r.sup.kill("echo").await.expect("kill");
+    assert_eq!(r.console("echo"), "ping over the console");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_supervisor_adopts_running_vmms() {
+    let r = rig();
+    r.create("long", &spinning(b"x"), "");
+    let pid = r.sup.start("long").await.expect("start");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A second supervisor over the same store, as after a daemon restart.
+    let mut cfg = SupervisorConfig::new(env!("CARGO_BIN_EXE_basalt-compute-vmm"));
+    cfg.args_prefix.clear();
+    cfg.stop_timeout = Duration::from_secs(5);
+    let again = Supervisor::new(
+        VmStore::open(r.sup.store().root()).expect("store"),
+        cfg,
+        Arc::new(NoHandover),
+    );
+    assert_eq!(
+        again.recover().await.expect("recover"),
+        vec!["long".to_string()]
+    );
+    assert_eq!(again.status("long").expect("status").pid, Some(pid));
+    let st = again.stop("long").await.expect("stop through the adopter");
+    assert_eq!(st.state, VmState::Stopped);
+    assert_eq!(st.last_exit.expect("exit").reason, "stopped on request");
+}
+
+/// Hands `--user 65534:65534` (nobody) to the VMM.
+struct AsNobody;
+
+impl basalt_compute::supervisor::Resolver for AsNobody {
+    fn resolve(
+        &self,
+        _def: &VmDefinition,
+        dir: &std::path::Path,
+    ) -> Result<basalt_compute::supervisor::Launch, String> {
+        let mut args = basalt_compute::launch::VmmArgs::new(dir);
+        args.user = Some((65534, 65534));
+        Ok(basalt_compute::supervisor::Launch {
+            args,
+            fds: Vec::new(),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vmm_drops_to_an_unprivileged_user() {
+    require_kvm();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = VmStore::open(tmp.path().join("vms")).expect("store");
+    let mut cfg = SupervisorConfig::new(env!("CARGO_BIN_EXE_basalt-compute-vmm"));
+    cfg.args_prefix.clear();
+    let sup = Supervisor::new(store, cfg, Arc::new(AsNobody));
+    let r = Rig { _tmp: tmp, sup };
+    r.create("nobody", &spinning(b"running as nobody\n"), "");
+    let pid = r.sup.start("nobody").await.expect("start");
+    // Wait until the guest runs (the drop happens before the vCPUs start).
+    let deadline = std::time::Instant::now() + T;
+    while !r.console("nobody").contains("running as nobody") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            r.vmm_log("nobody")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid}"
+    );
+    let seccomp = status
+        .lines()
+        .find(|l| l.starts_with("Seccomp:"))
+        .expect("Seccomp line");
+    assert!(seccomp.ends_with('2'), "filter mode: {seccomp}");
+    r.sup.kill("nobody").await.expect("kill");
+}
+
+/// The daemon's hand-over, for real: a disk on an NBD server (nbdkit) and a TAP fd.
+struct HandOver {
+    nbd: String,
+    tap: Mutex<Option<std::os::fd::OwnedFd>>,
+}
+
+impl basalt_compute::supervisor::Resolver for HandOver {
+    fn resolve(
+        &self,
+        _def: &VmDefinition,
+        dir: &std::path::Path,
+    ) -> Result<basalt_compute::supervisor::Launch, String> {
+        use basalt_compute::launch::{DiskEndpoint, NicEndpoint, VmmArgs};
+        use std::os::fd::AsRawFd;
+        let fd = self
+            .tap
+            .lock()
+            .expect("lock")
+            .take()
+            .ok_or("TAP already handed over")?;
+        let mut args = VmmArgs::new(dir);
+        args.disks
+            .push(("root".into(), DiskEndpoint::parse(&self.nbd)?));
+        args.nics
+            .push(("eth0".into(), NicEndpoint::TapFd(fd.as_raw_fd())));
+        Ok(basalt_compute::supervisor::Launch {
+            args,
+            fds: vec![fd],
+        })
+    }
+}
+
+use std::sync::Mutex;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_over_disk_and_nic_become_virtio_devices() {
+    require_kvm();
+    assert!(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v nbdkit"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false),
+        "nbdkit is missing: apt-get install nbdkit"
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("nbd.sock");
+    let mut nbdkit = std::process::Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "--unix"])
+        .arg(&sock)
+        .args(["memory", "16M"])
+        .spawn()
+        .expect("nbdkit");
+    while !sock.exists() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tap_name = format!("bsv{}", std::process::id() % 100_000);
+    let tap = basalt_compute::vmm::virtio::net::Tap::open(&tap_name).expect("TAP (needs root)");
+    let store = VmStore::open(tmp.path().join("vms")).expect("store");
+    let mut cfg = SupervisorConfig::new(env!("CARGO_BIN_EXE_basalt-compute-vmm"));
+    cfg.args_prefix.clear();
+    let sup = Supervisor::new(
+        store,
+        cfg,
+        Arc::new(HandOver {
+            nbd: format!("nbd+unix:///?socket={}", sock.display()),
+            tap: Mutex::new(Some(tap.into_fd())),
+        }),
+    );
+    let r = Rig { _tmp: tmp, sup };
+    // Prints the DeviceID of virtio-mmio slots 0, 1, 2 as digits, then powers off.
+    let ids = [
+        0x48, 0xbb, 0x00, 0x00, 0x00, 0xd0, 0x00, 0x00, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x03, 0x8b,
+        0x43, 0x08, 0x04, 0x30, 0xee, 0x8b, 0x83, 0x08, 0x10, 0x00, 0x00, 0x04, 0x30, 0xee, 0x8b,
+        0x83, 0x08, 0x20, 0x00, 0x00, 0x04, 0x30, 0xee, 0x66, 0xba, 0xc0, 0x03, 0xb0, 0x34, 0xee,
+        0xf4,
+    ];
+    r.create(
+        "devs",
+        &ids,
+        r#","disks":[{"id":"root","source":{"lun":"pool0/root"}}],"nics":[{"id":"eth0","port_group":"pg"}]"#,
+    );
+    r.sup.start("devs").await.expect("start");
+    let st = r
+        .sup
+        .wait_for("devs", T, |s| !s.state.is_active())
+        .await
+        .expect("wait");
+    assert_eq!(st.state, VmState::Stopped, "{st:?}\n{}", r.vmm_log("devs"));
+    // virtio-blk (2), virtio-net (1), virtio-balloon (5), in definition order.
+    assert_eq!(r.console("devs"), "215");
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+}
