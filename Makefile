@@ -10,7 +10,7 @@ DATA_DIR ?= ./var
 BASALT := $(CARGO_TARGET_DIR)/release/basalt
 CARGO ?= cargo
 
-.PHONY: run build test lint fmt bench deps test-deps bench-deps clean-var
+.PHONY: run build test lint fmt bench fuzz deps test-deps bench-deps clean-var
 
 deps:
 	./deploy/install-deps.sh build
@@ -41,6 +41,16 @@ test: test-deps lint
 
 bench: bench-deps
 	./bench/run.sh
+
+# Every cargo-fuzz target for FUZZ_SECONDS each (nightly toolchain; not part of CI, whose
+# tests run each target's property through proptest instead).
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd fuzz && for t in $$($(CARGO) +nightly fuzz list); do \
+		echo "=== $$t"; \
+		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 fmt:
 	$(CARGO) fmt --all
