@@ -47,7 +47,7 @@ bench: bench-deps
 FUZZ_SECONDS ?= 60
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
-	cd fuzz && for t in $$($(CARGO) +nightly fuzz list); do \
+	for t in $$($(CARGO) +nightly fuzz list); do \
 		echo "=== $$t"; \
 		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
