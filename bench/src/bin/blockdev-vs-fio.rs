@@ -45,12 +45,19 @@ struct Args {
     /// Tokio worker threads on the Basalt side.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// `UringOptions::max_submit_batch` on the Basalt side (default: the library's).
+    #[arg(long)]
+    max_submit_batch: Option<u32>,
     /// Only the workloads whose name contains this.
     #[arg(long)]
     only: Option<String>,
     /// Delete the test file at the end.
     #[arg(long)]
     remove: bool,
+    /// Run only the Basalt side (to profile it under perf or valgrind); the table then
+    /// has no fio figures.
+    #[arg(long)]
+    skip_fio: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,14 +102,22 @@ const GOAL: f64 = 0.9;
 struct Figures {
     iops: f64,
     bytes_per_sec: f64,
+    /// CPU time (user + system, every thread of the process) per I/O, in microseconds:
+    /// steadier than IOPS on a shared machine, and what a wakeup costs shows up here.
+    cpu_us_per_io: f64,
+    /// Context switches (voluntary and not) per I/O.
+    ctx_per_io: f64,
 }
 
 impl Figures {
     fn mean(runs: &[Figures]) -> Figures {
         let n = runs.len().max(1) as f64;
+        let avg = |f: fn(&Figures) -> f64| runs.iter().map(f).sum::<f64>() / n;
         Figures {
-            iops: runs.iter().map(|f| f.iops).sum::<f64>() / n,
-            bytes_per_sec: runs.iter().map(|f| f.bytes_per_sec).sum::<f64>() / n,
+            iops: avg(|f| f.iops),
+            bytes_per_sec: avg(|f| f.bytes_per_sec),
+            cpu_us_per_io: avg(|f| f.cpu_us_per_io),
+            ctx_per_io: avg(|f| f.ctx_per_io),
         }
     }
 
@@ -180,26 +195,36 @@ async fn run(args: Args) -> Result<(), BoxError> {
         for round in 0..args.rounds {
             // fio first in even rounds, basalt first in odd ones.
             for fio_turn in [round % 2 == 0, round % 2 != 0] {
+                if fio_turn && args.skip_fio {
+                    continue;
+                }
                 if fio_turn {
                     let f = run_fio(&w, &path, size, args.runtime)?;
                     println!(
-                        "  {:<18} round {} fio    {:>10.0} IOPS {:>9.1} MB/s",
-                        w.name,
-                        round + 1,
-                        f.iops,
-                        f.mb_per_sec()
-                    );
-                    fio.push(f);
-                } else {
-                    let (f, s) = run_basalt(&w, &path, size, runtime).await?;
-                    println!(
-                        "  {:<18} round {} basalt {:>10.0} IOPS {:>9.1} MB/s   ({:.1} requests per enter, {:.3} wakeups per request)",
+                        "  {:<18} round {} fio    {:>10.0} IOPS {:>9.1} MB/s   ({:.1} us CPU, {:.3} context switches per I/O)",
                         w.name,
                         round + 1,
                         f.iops,
                         f.mb_per_sec(),
+                        f.cpu_us_per_io,
+                        f.ctx_per_io,
+                    );
+                    fio.push(f);
+                } else {
+                    let (f, s) =
+                        run_basalt(&w, &path, size, runtime, args.max_submit_batch).await?;
+                    println!(
+                        "  {:<18} round {} basalt {:>10.0} IOPS {:>9.1} MB/s   ({:.1} us CPU, {:.3} context switches per I/O; {:.1} requests per enter, {:.3} sleeps, {:.3} wakeups, {:.3} relayed batches per request)",
+                        w.name,
+                        round + 1,
+                        f.iops,
+                        f.mb_per_sec(),
+                        f.cpu_us_per_io,
+                        f.ctx_per_io,
                         s.requests as f64 / s.enters.max(1) as f64,
+                        s.sleeps as f64 / s.requests.max(1) as f64,
                         s.wakeups as f64 / s.requests.max(1) as f64,
+                        s.relayed_batches as f64 / s.requests.max(1) as f64,
                     );
                     ours.push(f);
                 }
@@ -210,24 +235,40 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
     println!();
     println!(
-        "| {:<18} | {:>10} | {:>9} | {:>11} | {:>11} | {:>6} | {:<15} |",
-        "test", "fio IOPS", "fio MB/s", "basalt IOPS", "basalt MB/s", "ratio", "goal"
+        "| {:<18} | {:>10} | {:>9} | {:>11} | {:>11} | {:>6} | {:<15} | {:>11} | {:>14} |",
+        "test",
+        "fio IOPS",
+        "fio MB/s",
+        "basalt IOPS",
+        "basalt MB/s",
+        "ratio",
+        "goal",
+        "fio CPU/IO",
+        "basalt CPU/IO"
     );
     println!(
-        "|{}|{}|{}|{}|{}|{}|{}|",
+        "|{}|{}|{}|{}|{}|{}|{}|{}|{}|",
         "-".repeat(20),
         "-".repeat(12),
         "-".repeat(11),
         "-".repeat(13),
         "-".repeat(13),
         "-".repeat(8),
-        "-".repeat(17)
+        "-".repeat(17),
+        "-".repeat(13),
+        "-".repeat(16)
     );
     for (w, fio, ours) in &rows {
         let ratio = ours.iops / fio.iops.max(f64::MIN_POSITIVE);
-        let verdict = if ratio >= GOAL { "met" } else { "MISSED" };
+        let verdict = if args.skip_fio {
+            "no fio run"
+        } else if ratio >= GOAL {
+            "met"
+        } else {
+            "MISSED"
+        };
         println!(
-            "| {:<18} | {:>10.0} | {:>9.1} | {:>11.0} | {:>11.1} | {:>5.2}x | {:<15} |",
+            "| {:<18} | {:>10.0} | {:>9.1} | {:>11.0} | {:>11.1} | {:>5.2}x | {:<15} | {:>8.1} us | {:>11.1} us |",
             w.name,
             fio.iops,
             fio.mb_per_sec(),
@@ -235,6 +276,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             ours.mb_per_sec(),
             ratio,
             format!(">= {GOAL:.1}x {verdict}"),
+            fio.cpu_us_per_io,
+            ours.cpu_us_per_io,
         );
     }
     if args.remove {
@@ -326,23 +369,42 @@ fn run_fio(w: &Workload, path: &Path, size: u64, runtime: u64) -> Result<Figures
     parse_fio(&String::from_utf8_lossy(&out.stdout), side)
 }
 
-/// IOPS and bandwidth of the first job's `side` ("read" or "write") from fio's JSON
-/// output, which may be preceded by notes.
+/// IOPS, bandwidth and CPU cost of the first job's `side` ("read" or "write") from
+/// fio's JSON output, which may be preceded by notes.
 fn parse_fio(text: &str, side: &str) -> Result<Figures, BoxError> {
     let json = text
         .find('{')
         .map(|i| &text[i..])
         .ok_or("fio printed no JSON")?;
     let v: serde_json::Value = serde_json::from_str(json)?;
-    let job = &v["jobs"][0][side];
-    let iops = job["iops"].as_f64().ok_or("no iops in fio output")?;
-    let bw = job["bw_bytes"]
+    let job = &v["jobs"][0];
+    let iops = job[side]["iops"].as_f64().ok_or("no iops in fio output")?;
+    let bw = job[side]["bw_bytes"]
         .as_f64()
         .ok_or("no bw_bytes in fio output")?;
+    // usr_cpu and sys_cpu are percentages of one CPU over the job's runtime (ms).
+    let ios = job[side]["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
+    let runtime_s = job["job_runtime"].as_f64().unwrap_or(0.0) / 1e3;
+    let cpu = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
     Ok(Figures {
         iops,
         bytes_per_sec: bw,
+        cpu_us_per_io: cpu / 100.0 * runtime_s * 1e6 / ios,
+        ctx_per_io: job["ctx"].as_f64().unwrap_or(0.0) / ios,
     })
+}
+
+/// CPU time and context switches of this process so far.
+fn usage() -> (Duration, u64) {
+    // SAFETY: getrusage fills the struct it is given; all zeroes is a valid rusage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a pointer to a live rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (
+        tv(ru.ru_utime) + tv(ru.ru_stime),
+        (ru.ru_nvcsw + ru.ru_nivcsw) as u64,
+    )
 }
 
 async fn run_basalt(
@@ -350,14 +412,17 @@ async fn run_basalt(
     path: &Path,
     size: u64,
     runtime: Duration,
+    max_submit_batch: Option<u32>,
 ) -> Result<(Figures, DriverStats), BoxError> {
+    let defaults = UringOptions::default();
     let file = Arc::new(UringFile::open(
         path,
         &UringOptions {
             queue_depth: w.qd,
             direct: DirectMode::Require,
             block_size: Some(4096),
-            ..UringOptions::default()
+            max_submit_batch: max_submit_batch.unwrap_or(defaults.max_submit_batch),
+            ..defaults
         },
     )?);
     let blocks = size / w.bs as u64;
@@ -400,9 +465,11 @@ async fn run_basalt(
         }));
     }
     let before = file.driver_stats();
+    let (cpu_before, ctx_before) = usage();
     tokio::time::sleep(runtime).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
+    let (cpu_after, ctx_after) = usage();
     let mut ops = 0;
     for t in tasks {
         ops += t.await??;
@@ -416,10 +483,13 @@ async fn run_basalt(
         relayed_batches: after.relayed_batches - before.relayed_batches,
     };
     let iops = ops as f64 / elapsed;
+    let n = ops.max(1) as f64;
     Ok((
         Figures {
             iops,
             bytes_per_sec: iops * w.bs as f64,
+            cpu_us_per_io: (cpu_after - cpu_before).as_secs_f64() * 1e6 / n,
+            ctx_per_io: (ctx_after - ctx_before) as f64 / n,
         },
         stats,
     ))
@@ -482,11 +552,15 @@ mod tests {
     fn parses_fio_json_after_notes() {
         let out = r#"note: both iodepth >= 1 and synchronous I/O engine selected
 {"fio version": "fio-3.33", "jobs": [{"jobname": "bench",
-  "read": {"iops": 1234.5, "bw_bytes": 5056512},
+  "job_runtime": 2000, "usr_cpu": 10.0, "sys_cpu": 40.0, "ctx": 500,
+  "read": {"iops": 1234.5, "bw_bytes": 5056512, "total_ios": 2500},
   "write": {"iops": 0.0, "bw_bytes": 0}}]}"#;
         let f = parse_fio(out, "read").unwrap();
         assert_eq!(f.iops, 1234.5);
         assert_eq!(f.bytes_per_sec, 5056512.0);
+        // Half a CPU for 2 s over 2500 I/Os.
+        assert!((f.cpu_us_per_io - 400.0).abs() < 1e-6, "{f:?}");
+        assert!((f.ctx_per_io - 0.2).abs() < 1e-9, "{f:?}");
         assert!(parse_fio("fio: error", "read").is_err());
     }
 
@@ -496,10 +570,12 @@ mod tests {
             Figures {
                 iops: 10.0,
                 bytes_per_sec: 100.0,
+                ..Figures::default()
             },
             Figures {
                 iops: 20.0,
                 bytes_per_sec: 300.0,
+                ..Figures::default()
             },
         ]);
         assert_eq!(m.iops, 15.0);

@@ -4,8 +4,8 @@ use super::driver::{Completion, Driver, DriverGone, DriverStats, Op, WriteBuf};
 use super::{sys, DirectMode, OpenError, UringOptions};
 use crate::{
     check_compare_and_write, check_range, first_difference, AlignedBuf, BlockDev, BlockError,
-    Capabilities, CompareOutcome, Geometry, OwnedRangeGuard, RangeLocks, Result, WriteFlags,
-    ZeroFlags,
+    Capabilities, CompareOutcome, Extent, ExtentKind, Geometry, OwnedRangeGuard, RangeLocks,
+    Result, WriteFlags, ZeroFlags,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,11 +18,17 @@ use std::sync::{Arc, OnceLock};
 /// Size of the zero buffer that write-zeroes falls back to.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// Most data runs one `block_status` call looks up in a file; the rest of the range is
+/// reported as data (always true).
+const MAX_STATUS_RUNS: usize = 4096;
+
 /// A regular file or a block device, read and written through io_uring.
 /// See the [module docs](super).
 pub struct UringFile {
     path: PathBuf,
     driver: Driver,
+    /// For the system calls that do not go through the ring (SEEK_DATA).
+    file: Arc<File>,
     geometry: Geometry,
     direct: bool,
     /// Writes from buffers at addresses with this alignment go to the kernel as they are.
@@ -154,7 +160,7 @@ impl UringFile {
         // Thread names are limited to 15 bytes by the kernel.
         let name: String = name.chars().take(15).collect();
         let driver = Driver::start(
-            file,
+            file.clone(),
             options.queue_depth,
             options.max_submit_batch as usize,
             name,
@@ -167,6 +173,7 @@ impl UringFile {
         Ok(UringFile {
             path: path.to_path_buf(),
             driver,
+            file,
             geometry: Geometry {
                 block_size,
                 physical_block_size: physical,
@@ -250,7 +257,9 @@ impl UringFile {
     }
 
     async fn read_unlocked(&self, offset: u64, len: usize) -> Result<Bytes> {
-        let buf = AlignedBuf::zeroed(len);
+        // Stale contents are fine: the driver fails a read that does not fill the whole
+        // buffer, and a failed read's buffer goes back to the pool unseen.
+        let buf = AlignedBuf::for_overwrite(len);
         let c = self.run(Op::Read { buf, offset }, None).await?;
         c.result
             .map_err(|e| BlockError::io("read", offset, len as u64, e))?;
@@ -312,6 +321,55 @@ impl UringFile {
         }
         Ok(())
     }
+}
+
+/// Runs `f` on tokio's blocking pool when called inside a runtime (so a slow system call
+/// does not stall a worker), inline otherwise.
+async fn off_runtime<T, F>(f: F) -> io::Result<T>
+where
+    F: FnOnce() -> io::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt
+            .spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string()))),
+        Err(_) => f(),
+    }
+}
+
+/// The extents of `[offset, offset + len)` given the runs of data in it (sorted, disjoint,
+/// inside the range): holes shrink to whole blocks of `bs`, and a block that is only
+/// partly a hole counts as data, so every extent is block-aligned and they cover the
+/// range exactly.
+fn extents_from_data_runs(offset: u64, len: u64, bs: u64, runs: &[(u64, u64)]) -> Vec<Extent> {
+    fn push(out: &mut Vec<Extent>, kind: ExtentKind, len: u64) {
+        if len == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(e) if e.kind == kind => e.len += len,
+            _ => out.push(Extent { len, kind }),
+        }
+    }
+    let end = offset + len;
+    let mut out = Vec::new();
+    // Everything before `at` is in `out`.
+    let mut at = offset;
+    for &(start, stop) in runs.iter().chain(std::iter::once(&(end, end))) {
+        // Clamped so that out-of-order or overlapping input cannot go backwards.
+        let data_start = start.clamp(at, end);
+        let data_end = stop.clamp(data_start, end);
+        // The hole [at, data_start), cut to whole blocks.
+        let hole_start = at.next_multiple_of(bs).min(data_start);
+        let hole_end = (data_start / bs * bs).max(hole_start);
+        push(&mut out, ExtentKind::Data, hole_start - at);
+        push(&mut out, ExtentKind::Hole, hole_end - hole_start);
+        push(&mut out, ExtentKind::Data, data_end - hole_end);
+        at = data_end;
+    }
+    out
 }
 
 fn check_block_size(path: &Path, bs: u32) -> Result<(), OpenError> {
@@ -461,6 +519,40 @@ impl BlockDev for UringFile {
         self.write_locked(offset, data, flags, guard).await?;
         Ok(CompareOutcome::Written)
     }
+
+    /// Regular files report their holes (SEEK_DATA/SEEK_HOLE, on the blocking pool);
+    /// block devices say "all data".
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(&self.geometry, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        if self.block_device.is_some() {
+            return Ok(vec![Extent {
+                len,
+                kind: ExtentKind::Data,
+            }]);
+        }
+        self.file_block_status(offset, len).await
+    }
+}
+
+impl UringFile {
+    async fn file_block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let file = self.file.clone();
+        let end = offset + len;
+        let runs = off_runtime(move || sys::data_runs(&file, offset, end, MAX_STATUS_RUNS)).await;
+        let runs = match runs {
+            Ok(runs) => runs,
+            // A file system without SEEK_DATA: everything is data, which is always true.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                vec![(offset, end)]
+            }
+            Err(e) => return Err(BlockError::io("block_status", offset, len, e)),
+        };
+        let bs = u64::from(self.geometry.block_size);
+        Ok(extents_from_data_runs(offset, len, bs, &runs))
+    }
 }
 
 impl std::fmt::Debug for UringFile {
@@ -587,6 +679,15 @@ mod tests {
             Arc::new(f) as SharedBlockDev
         })
         .await;
+        // A block device has no holes to report.
+        let f = UringFile::open(&path, &UringOptions::default()).unwrap();
+        assert_eq!(
+            f.block_status(0, SIZE).await.unwrap(),
+            vec![Extent {
+                len: SIZE,
+                kind: ExtentKind::Data
+            }]
+        );
     }
 
     #[tokio::test]
@@ -877,5 +978,263 @@ mod tests {
                 println!("{disk}: serial {:?}, {:?}", d.serial(), d.geometry());
             }
         }
+    }
+
+    fn ext(kinds: &[(ExtentKind, u64)]) -> Vec<Extent> {
+        kinds
+            .iter()
+            .map(|&(kind, len)| Extent { len, kind })
+            .collect()
+    }
+
+    #[test]
+    fn extents_round_partial_holes_to_data() {
+        use ExtentKind::{Data, Hole};
+        let k = 1024;
+        // No data at all; all data; nothing asked.
+        assert_eq!(
+            extents_from_data_runs(0, 64 * k, 4 * k, &[]),
+            ext(&[(Hole, 64 * k)])
+        );
+        assert_eq!(
+            extents_from_data_runs(8 * k, 8 * k, 4 * k, &[(8 * k, 16 * k)]),
+            ext(&[(Data, 8 * k)])
+        );
+        assert!(extents_from_data_runs(0, 0, 512, &[]).is_empty());
+        // Aligned runs map one to one.
+        assert_eq!(
+            extents_from_data_runs(0, 64 * k, 4 * k, &[(4 * k, 8 * k), (32 * k, 40 * k)]),
+            ext(&[
+                (Hole, 4 * k),
+                (Data, 4 * k),
+                (Hole, 24 * k),
+                (Data, 8 * k),
+                (Hole, 24 * k)
+            ])
+        );
+        // Runs ending or starting inside a block: the partial blocks are data.
+        assert_eq!(
+            extents_from_data_runs(0, 64 * k, 16 * k, &[(4 * k, 8 * k), (36 * k, 40 * k)]),
+            ext(&[
+                (Data, 16 * k),
+                (Hole, 16 * k),
+                (Data, 16 * k),
+                (Hole, 16 * k)
+            ])
+        );
+        // A hole smaller than a block, between two runs, is data.
+        assert_eq!(
+            extents_from_data_runs(0, 32 * k, 16 * k, &[(0, 4 * k), (8 * k, 32 * k)]),
+            ext(&[(Data, 32 * k)])
+        );
+        // Runs reaching outside the range are cut to it; disorder cannot go backwards.
+        assert_eq!(
+            extents_from_data_runs(16 * k, 32 * k, 4 * k, &[(0, 20 * k), (8 * k, 12 * k)]),
+            ext(&[(Data, 4 * k), (Hole, 28 * k)])
+        );
+        // Coverage and alignment hold for arbitrary runs.
+        let mut rng = crate::rng::SplitMix64::new(7);
+        for _ in 0..500 {
+            let bs = 512u64 << (rng.next_u64() % 6);
+            let offset = (rng.next_u64() % 64) * bs;
+            let len = (rng.next_u64() % 64) * bs;
+            let mut cuts: Vec<u64> = (0..(rng.next_u64() % 12))
+                .map(|_| offset + rng.next_u64() % (len + 1))
+                .collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let runs: Vec<(u64, u64)> = cuts.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+            let out = extents_from_data_runs(offset, len, bs, &runs);
+            assert_eq!(out.iter().map(|e| e.len).sum::<u64>(), len, "{runs:?}");
+            let mut at = offset;
+            for (i, e) in out.iter().enumerate() {
+                assert!(e.len > 0 && e.len % bs == 0, "{out:?}");
+                if i > 0 {
+                    assert_ne!(out[i - 1].kind, e.kind, "not merged: {out:?}");
+                }
+                if e.kind == ExtentKind::Hole {
+                    // Nothing reported as a hole holds data.
+                    assert!(
+                        runs.iter().all(|&(s, t)| t <= at || s >= at + e.len),
+                        "{runs:?} -> {out:?}"
+                    );
+                }
+                at += e.len;
+            }
+        }
+    }
+
+    /// Checks `block_status` of the whole device and of pieces of it against `expect`,
+    /// and that every hole reads as zeroes.
+    async fn assert_status(f: &UringFile, expect: &[(ExtentKind, u64)]) {
+        let size = f.geometry().capacity_bytes();
+        assert_eq!(f.block_status(0, size).await.unwrap(), ext(expect));
+        let mut at = 0;
+        for &(kind, len) in expect {
+            // Each extent alone, and from one block into it.
+            assert_eq!(f.block_status(at, len).await.unwrap(), ext(&[(kind, len)]));
+            let bs = u64::from(f.geometry().block_size);
+            if len > bs {
+                assert_eq!(
+                    f.block_status(at + bs, len - bs).await.unwrap(),
+                    ext(&[(kind, len - bs)])
+                );
+            }
+            if kind == ExtentKind::Hole {
+                assert_reads(f, at, &vec![0; len as usize], "hole").await;
+            }
+            at += len;
+        }
+    }
+
+    async fn write_discard_and_check_status(direct: DirectMode, block_size: u32) {
+        use ExtentKind::{Data, Hole};
+        const K: u64 = 1024;
+        const M: u64 = 1024 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("status");
+        create_sparse_file(&p, 8 * M).unwrap();
+        let f = UringFile::open(&p, &opts(direct, block_size)).unwrap();
+        assert_status(&f, &[(Hole, 8 * M)]).await;
+        let w = |off: u64, len: u64, seed: u64| {
+            f.write(off, pattern(seed, len as usize), WriteFlags::default())
+        };
+        w(0, 64 * K, 1).await.unwrap();
+        w(M, 4 * K, 2).await.unwrap();
+        w(4 * M, M, 3).await.unwrap();
+        assert_status(
+            &f,
+            &[
+                (Data, 64 * K),
+                (Hole, M - 64 * K),
+                (Data, 4 * K),
+                (Hole, 3 * M - 4 * K),
+                (Data, M),
+                (Hole, 3 * M),
+            ],
+        )
+        .await;
+        // Punch through the middle of the last run and all of the second.
+        f.discard(4 * M + 64 * K, 128 * K).await.unwrap();
+        f.discard(M, 4 * K).await.unwrap();
+        assert_status(
+            &f,
+            &[
+                (Data, 64 * K),
+                (Hole, 4 * M - 64 * K),
+                (Data, 64 * K),
+                (Hole, 128 * K),
+                (Data, M - 192 * K),
+                (Hole, 3 * M),
+            ],
+        )
+        .await;
+        // Out of range and misaligned requests fail as everywhere else.
+        assert!(matches!(
+            f.block_status(8 * M, 4096).await,
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            f.block_status(100, 4096).await,
+            Err(BlockError::Misaligned { .. })
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_status_reports_punched_holes_direct() {
+        write_discard_and_check_status(DirectMode::Auto, 4096).await;
+        write_discard_and_check_status(DirectMode::Auto, 512).await;
+    }
+
+    #[tokio::test]
+    async fn block_status_reports_punched_holes_buffered_current_thread() {
+        // Buffered: dirty pages not yet written back count as data too.
+        write_discard_and_check_status(DirectMode::Off, 4096).await;
+    }
+
+    #[test]
+    fn block_status_outside_a_runtime_and_partial_block_holes() {
+        use std::os::fd::AsRawFd;
+        use ExtentKind::{Data, Hole};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("partial");
+        let bs = 16384u64;
+        create_sparse_file(&p, 16 * bs).unwrap();
+        let f = UringFile::open(&p, &opts(DirectMode::Auto, bs as u32)).unwrap();
+        // Driven by a bare executor: no tokio runtime is current inside the future.
+        block_on_bare(Box::pin(async {
+            f.write(0, pattern(1, 4 * bs as usize), WriteFlags::default())
+                .await
+                .unwrap();
+        }));
+        // 4 KiB punched inside block 1 (smaller than a block), and all of block 3 plus
+        // half of block 2, behind the device's back.
+        let other = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let punch = |off: u64, len: u64| {
+            // SAFETY: plain system call on a descriptor we own.
+            let r = unsafe {
+                libc::fallocate(
+                    other.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        };
+        punch(bs + 4096, 4096);
+        punch(2 * bs + bs / 2, bs / 2 + bs);
+        let got = block_on_bare(Box::pin(f.block_status(0, 16 * bs))).unwrap();
+        assert_eq!(got, ext(&[(Data, 3 * bs), (Hole, 13 * bs)]));
+    }
+
+    /// Polls a future to completion on this thread, outside any tokio runtime.
+    fn block_on_bare<T>(
+        mut fut: std::pin::Pin<Box<dyn std::future::Future<Output = T> + '_>>,
+    ) -> T {
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Unpark(std::thread::Thread);
+        impl Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_that_comes_up_short_fails_and_shows_nothing() {
+        // The read buffer comes from the pool with stale contents; a read that cannot
+        // fill it must fail rather than hand out the stale tail.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("short");
+        create_sparse_file(&p, 1 << 20).unwrap();
+        let f = UringFile::open(&p, &opts(DirectMode::Auto, 4096)).unwrap();
+        f.write(0, pattern(9, 1 << 20), WriteFlags::default())
+            .await
+            .unwrap();
+        let mut stale = AlignedBuf::for_overwrite(1 << 20);
+        stale.as_mut_slice().fill(0xee);
+        drop(stale);
+        // Shrink the file behind the device's back: the last half reads short.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(512 << 10)
+            .unwrap();
+        let r = f.read(0, 1 << 20).await;
+        assert!(
+            matches!(&r, Err(BlockError::Io { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof),
+            "{r:?}"
+        );
+        assert_reads(&f, 0, &pattern(9, 1 << 20)[..512 << 10], "before the cut").await;
     }
 }

@@ -51,9 +51,11 @@
 //! Nothing here blocks a tokio worker: the only locks taken on the runtime are the queue
 //! and relay mutexes (each held for a `Vec` push or swap) and the tokio range locks.
 //!
-//! Buffers belong to the request until the kernel is done with them. Reads allocate an
-//! [`AlignedBuf`](crate::AlignedBuf) and hand it back frozen into [`Bytes`](bytes::Bytes)
-//! (no copy). Writes submit the caller's `Bytes` as they are when the address suits
+//! Buffers belong to the request until the kernel is done with them. Reads take an
+//! [`AlignedBuf`](crate::AlignedBuf) from the buffer pool without clearing it (the
+//! kernel overwrites it; a read that fails or comes up short is never handed out, and
+//! its buffer goes back unseen) and hand it back frozen into [`Bytes`](bytes::Bytes)
+//! (no copy); it returns to the pool when the last clone is dropped. Writes submit the caller's `Bytes` as they are when the address suits
 //! O_DIRECT (the alignment statx reports, else 4096) or the file is buffered, and copy
 //! into an aligned bounce buffer otherwise. If the caller's future is dropped, the
 //! request (with its buffer and, for writes, its range lock) still lives in the driver

@@ -77,6 +77,60 @@ pub(super) fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
     Ok(r as usize)
 }
 
+/// `lseek(2)` with `whence` (SEEK_DATA or SEEK_HOLE) from `offset`; `None` when the
+/// kernel says ENXIO (no data, or no hole, at or after `offset`).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+    // SAFETY: plain system call on a descriptor we own. Only the descriptor's file
+    // position changes, which nothing here uses (every I/O names its offset).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+/// The runs of `[offset, end)` of a regular file that hold data, as `(start, end)` pairs
+/// in address order, from SEEK_DATA and SEEK_HOLE; everything between them is a hole.
+/// After `max_runs` runs the rest of the range is reported as one run of data (always
+/// true), which bounds the work on a badly fragmented file. Metadata only, but it may
+/// wait for the inode lock or read extent blocks: call it off the async runtime.
+pub(super) fn data_runs(
+    file: &File,
+    offset: u64,
+    end: u64,
+    max_runs: usize,
+) -> io::Result<Vec<(u64, u64)>> {
+    let mut runs = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        if runs.len() >= max_runs {
+            runs.push((pos, end));
+            break;
+        }
+        let Some(data) = seek(file, pos, libc::SEEK_DATA)? else {
+            break; // only a hole (or the end of the file) after pos
+        };
+        if data >= end {
+            break;
+        }
+        // A hole always follows data: at worst the virtual one at the end of the file.
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        if hole <= data {
+            // Cannot happen on a sane file system; report the rest as data.
+            runs.push((data, end));
+            break;
+        }
+        runs.push((data, hole));
+        pos = hole;
+    }
+    Ok(runs)
+}
+
 /// Major and minor numbers of a device number (glibc's encoding).
 pub(super) fn major_minor(rdev: u64) -> (u64, u64) {
     let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
