@@ -1,11 +1,11 @@
 //! A stand-alone iSCSI target for manual tests and benchmarks:
 //! `serve --portal 127.0.0.1:3260 --iqn iqn.2026-11.test:t --mem-mib 1024 \
 //!        --initiator iqn.2026-11.test:init1 --initiator iqn.2026-11.test:init2`
-//! or `--file /path/lun.img` (io_uring). LUN 1 is a read-only 64 MiB unit, LUN 2 a
+//! or `--file /path/lun.img` (io_uring; O_DIRECT unless `--buffered`). LUN 1 is a read-only 64 MiB unit, LUN 2 a
 //! 256 MiB unit with 4 KiB physical blocks (the conformance suite needs both shapes).
 //! Runs until killed.
 
-use basalt_blockdev::{BlockDev, MemDev, SharedBlockDev, UringFile, UringOptions};
+use basalt_blockdev::{BlockDev, DirectMode, MemDev, SharedBlockDev, UringFile, UringOptions};
 use basalt_iscsi::{
     Acl, ConnConfig, IscsiConfig, IscsiServer, LunHandle, LunMapping, TargetConfig,
 };
@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut threads = 2usize;
     let mut conn_cfg = ConnConfig::default();
     let mut phys = 512u32;
+    let mut direct = DirectMode::Auto;
     let mut i = 1;
     while i < args.len() {
         let v = args.get(i + 1).cloned().unwrap_or_default();
@@ -34,6 +35,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--initiator" => inits.push(v),
             "--threads" => threads = v.parse()?,
             "--physical-block" => phys = v.parse()?,
+            "--buffered" => {
+                // Through the page cache, as tgt's rdwr backing store does.
+                direct = DirectMode::Off;
+                i -= 1;
+            }
             "--no-immediate-data" => {
                 conn_cfg.immediate_data = false;
                 conn_cfg.allow_unsolicited = false;
@@ -51,7 +57,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dev: SharedBlockDev = match file {
             Some(f) => Arc::new(UringFile::open(
                 std::path::Path::new(&f),
-                &UringOptions::default(),
+                &UringOptions {
+                    direct,
+                    ..UringOptions::default()
+                },
             )?),
             None => {
                 let mut g = MemDev::new(mem_mib.max(64) * 2048, 512).geometry();

@@ -56,6 +56,12 @@ pub trait SessionLuns: LunResolver {
     fn lun(&self, lun: u64) -> Option<Arc<LogicalUnit>>;
     /// Every mapped LUN number, ascending.
     fn list(&self) -> Vec<u64>;
+    /// A number that changes whenever [`SessionLuns::lun`] may answer differently (a
+    /// reconfiguration), so that a connection may cache its lookups until it changes;
+    /// `None`, the default, forbids caching.
+    fn version(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The configuration as connections see it.

@@ -16,10 +16,12 @@
 use crate::catalog::{Catalog, ChapSecrets, LoginDenied, LoginGrant, SessionLuns};
 use crate::pdu::{self, decode_lun, opcode, Framing, Pdu, PduError};
 use crate::text;
+use crate::txq::TxQueue;
 use basalt_scsi::cdb::{byte, transfer};
 use basalt_scsi::{no_such_lun, report_luns, LogicalUnit, NexusId, ResetKind, Response, Sense};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +81,19 @@ pub enum Event {
     },
     /// The task with this tag was aborted: its result, if any, will be dropped.
     Aborted(u32),
+    /// A task management function aborted every task on these units: the driver
+    /// calls [`Connection::abort_for_others`] on every other connection, and
+    /// [`Connection::abort_elsewhere_done`] with the ticket once they have all ended
+    /// those tasks. The function's response waits for it.
+    AbortElsewhere {
+        /// Pass back to [`Connection::abort_elsewhere_done`].
+        ticket: u64,
+        /// The units.
+        units: Vec<Arc<LogicalUnit>>,
+    },
+    /// The tasks aborted by [`Connection::abort_for_others`] that returned this
+    /// ticket have all ended.
+    AbortDone(u64),
     /// A TARGET WARM/COLD RESET was requested for the session's target.
     TargetReset {
         /// Cold reset: the driver must drop every connection to the target.
@@ -95,6 +110,10 @@ impl std::fmt::Debug for Event {
             Event::Execute(c) => write!(f, "Execute(itt {:#x}, lun {})", c.itt, c.lun),
             Event::LoggedIn { target, .. } => write!(f, "LoggedIn({target})"),
             Event::Aborted(t) => write!(f, "Aborted({t:#x})"),
+            Event::AbortElsewhere { ticket, units } => {
+                write!(f, "AbortElsewhere({ticket}, {} units)", units.len())
+            }
+            Event::AbortDone(t) => write!(f, "AbortDone({t})"),
             Event::TargetReset { cold } => write!(f, "TargetReset(cold: {cold})"),
             Event::Close => write!(f, "Close"),
         }
@@ -109,8 +128,8 @@ pub struct Command {
     pub lun: u64,
     /// The unit.
     pub lu: Arc<LogicalUnit>,
-    /// The CDB.
-    pub cdb: Bytes,
+    /// The CDB (the 16 bytes of the SCSI Command PDU).
+    pub cdb: [u8; 16],
     /// All Data-Out.
     pub data_out: Bytes,
     /// The issuing nexus.
@@ -211,7 +230,7 @@ enum TaskState {
 struct Task {
     lun: u64,
     lu: Option<Arc<LogicalUnit>>,
-    cdb: Bytes,
+    cdb: [u8; 16],
     edtl: u32,
     read: bool,
     write: bool,
@@ -230,7 +249,24 @@ struct Task {
     state: TaskState,
     /// Response already decided (no execution).
     preset: Option<Response>,
+    /// Aborted by this session's task management: ends without status.
     aborted: bool,
+    /// Aborted by another session's reset: ends with TASK ABORTED.
+    third_party_abort: bool,
+}
+
+/// A task management function whose response waits for aborted tasks to end.
+struct PendingTmf {
+    itt: u32,
+    response: u8,
+    /// This session's aborted tasks still running.
+    waiting: Vec<u32>,
+    /// Units to reset once every task is gone.
+    reset: Option<(ResetKind, Vec<Arc<LogicalUnit>>)>,
+    /// Other sessions still ending their tasks ([`Event::AbortElsewhere`]).
+    external: Option<u64>,
+    /// TARGET COLD RESET: close the connection after the response.
+    cold: bool,
 }
 
 /// Most immediate (I-bit) tasks beyond the window.
@@ -248,15 +284,18 @@ pub struct Connection {
     params: Params,
     nexus: Option<Arc<NexusId>>,
     luns: Option<Arc<dyn SessionLuns>>,
+    /// LUN lookups of this session, valid while the map's version stays the same.
+    lun_cache: Vec<(u64, Option<Arc<LogicalUnit>>)>,
+    lun_cache_version: Option<u64>,
     target: String,
     stat_sn: u32,
     exp_cmd_sn: u32,
-    tasks: HashMap<u32, Task>,
+    tasks: HashMap<u32, Task, BuildHasherDefault<TagHasher>>,
     ready: VecDeque<u32>,
     r2t_wait: VecDeque<u32>,
     buffered: usize,
     executing: u64,
-    out: BytesMut,
+    out: TxQueue,
     events: VecDeque<Event>,
     created: Instant,
     last_rx: Instant,
@@ -264,6 +303,11 @@ pub struct Connection {
     next_ttt: u32,
     text_pending: Option<(u32, Vec<u8>)>,
     logout_pending: bool,
+    /// Task management functions waiting to be answered, in arrival order.
+    tmfs: Vec<PendingTmf>,
+    /// Tasks aborted for other sessions, still running: (ticket, tags).
+    foreign_aborts: Vec<(u64, Vec<u32>)>,
+    next_ticket: u64,
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -284,15 +328,17 @@ impl Connection {
             params: Params::default(),
             nexus: None,
             luns: None,
+            lun_cache: Vec::new(),
+            lun_cache_version: None,
             target: String::new(),
             stat_sn: 0,
             exp_cmd_sn: 0,
-            tasks: HashMap::new(),
+            tasks: HashMap::default(),
             ready: VecDeque::new(),
             r2t_wait: VecDeque::new(),
             buffered: 0,
             executing: 0,
-            out: BytesMut::new(),
+            out: TxQueue::new(),
             events: VecDeque::new(),
             created: now,
             last_rx: now,
@@ -300,6 +346,9 @@ impl Connection {
             next_ttt: 1,
             text_pending: None,
             logout_pending: false,
+            tmfs: Vec::new(),
+            foreign_aborts: Vec::new(),
+            next_ticket: 0,
         }
     }
 
@@ -328,14 +377,22 @@ impl Connection {
         self.events.pop_front()
     }
 
-    /// Takes the bytes to write (empty when there are none).
+    /// Takes the bytes to write as one buffer (empty when there are none). Copies;
+    /// drivers use [`Connection::outgoing`] instead.
     pub fn transmit(&mut self) -> BytesMut {
-        self.out.split()
+        self.out.take_all()
     }
 
-    /// Whether bytes wait in [`Connection::transmit`].
+    /// The bytes to write, as a [`Buf`] of header and data pieces: write
+    /// [`Buf::chunks_vectored`] with one vectored write, then [`Buf::advance`] by what
+    /// was written.
+    pub fn outgoing(&mut self) -> &mut TxQueue {
+        &mut self.out
+    }
+
+    /// Whether bytes wait in [`Connection::outgoing`].
     pub fn has_output(&self) -> bool {
-        !self.out.is_empty()
+        self.out.has_remaining()
     }
 
     /// When to call [`Connection::handle_timeout`] next.
@@ -403,7 +460,7 @@ impl Connection {
     }
 
     fn send(&mut self, p: &Pdu) {
-        p.encode(&self.tx, &mut self.out);
+        p.encode_to(&self.tx, &mut self.out);
     }
 
     fn max_cmd_sn(&self) -> u32 {
@@ -521,7 +578,7 @@ impl Connection {
             return;
         }
         let mut task = self.bare_task(&p);
-        let lu = self.luns.as_ref().and_then(|l| l.lun(task.lun));
+        let lu = self.lookup_lun(task.lun);
         let opc = byte(&task.cdb, 0);
         if opc == basalt_scsi::cdb::op::REPORT_LUNS {
             let list = self.luns.as_ref().map(|l| l.list()).unwrap_or_default();
@@ -579,7 +636,7 @@ impl Connection {
             if task.keep {
                 let k = keep_len(&task, 0, imm.len());
                 self.buffered += k;
-                task.data.extend_from_slice(&imm[..k]);
+                put_data(&mut task, &imm[..k]);
             }
         }
         if task.write {
@@ -594,11 +651,37 @@ impl Connection {
         self.advance_write(itt);
     }
 
+    /// The unit at `lun` for this session, through the cache while the session's LUN
+    /// map reports the same version (a reconfiguration changes it, so masking changes
+    /// still apply to the next command).
+    fn lookup_lun(&mut self, lun: u64) -> Option<Arc<LogicalUnit>> {
+        /// Distinct LUNs remembered per session.
+        const MAX_CACHED: usize = 64;
+        let luns = self.luns.as_ref()?;
+        // Read the version before looking up: a change in between leaves a newer
+        // answer under the older version, which the next command replaces.
+        let Some(v) = luns.version() else {
+            return luns.lun(lun);
+        };
+        if self.lun_cache_version != Some(v) {
+            self.lun_cache.clear();
+            self.lun_cache_version = Some(v);
+        }
+        if let Some((_, u)) = self.lun_cache.iter().find(|(n, _)| *n == lun) {
+            return u.clone();
+        }
+        let u = luns.lun(lun);
+        if self.lun_cache.len() < MAX_CACHED {
+            self.lun_cache.push((lun, u.clone()));
+        }
+        u
+    }
+
     fn bare_task(&self, p: &Pdu) -> Task {
         Task {
             lun: decode_lun(p.lun_field()),
             lu: None,
-            cdb: Bytes::copy_from_slice(&p.bhs[32..48]),
+            cdb: cdb16(&p.bhs),
             edtl: p.u32(20),
             read: p.bhs[1] & 0x40 != 0,
             write: p.bhs[1] & 0x20 != 0,
@@ -613,6 +696,7 @@ impl Connection {
             state: TaskState::Collecting,
             preset: None,
             aborted: false,
+            third_party_abort: false,
         }
     }
 
@@ -714,7 +798,7 @@ impl Connection {
         };
         t.received += len;
         if k > 0 {
-            t.data.extend_from_slice(&p.data[..k]);
+            put_data(t, &p.data[..k]);
             self.buffered += k;
         }
         if solicited {
@@ -782,13 +866,13 @@ impl Connection {
                 itt,
                 lun: t.lun,
                 lu,
-                cdb: t.cdb.clone(),
+                cdb: t.cdb,
                 data_out: data.freeze(),
                 nexus,
                 luns,
             }));
         }
-        while self.buffered + self.granted() < self.cfg.write_budget {
+        while !self.r2t_wait.is_empty() && self.buffered + self.granted() < self.cfg.write_budget {
             let Some(itt) = self.r2t_wait.pop_front() else {
                 break;
             };
@@ -811,7 +895,13 @@ impl Connection {
             self.tasks.remove(&itt);
             return;
         }
-        self.finish(itt, r);
+        if t.third_party_abort && !t.aborted {
+            self.tasks.remove(&itt);
+            self.send_task_aborted(itt);
+        } else {
+            self.finish(itt, r);
+        }
+        self.task_ended(itt);
         self.pump();
     }
 
@@ -940,50 +1030,57 @@ impl Connection {
         }
         let func = p.bhs[1] & 0x7f;
         let rtt = p.u32(20);
-        let ref_cmd_sn = p.u32(24 + 4);
         let lun = decode_lun(p.lun_field());
-        let mut response = 0u8;
+        let mut tmf = PendingTmf {
+            itt: p.itt(),
+            response: 0,
+            waiting: Vec::new(),
+            reset: None,
+            external: None,
+            cold: false,
+        };
         match func {
             1 => {
-                // ABORT TASK.
-                match self.tasks.get_mut(&rtt) {
-                    Some(t) => {
-                        t.aborted = true;
-                        // A command whose execution the driver has not picked up yet
-                        // (its Data-Out came in the same read as the abort) is still
-                        // abortable.
-                        let pending = self
-                            .events
-                            .iter()
-                            .position(|e| matches!(e, Event::Execute(c) if c.itt == rtt));
-                        if let Some(i) = pending {
-                            self.events.remove(i);
-                            self.executing = self.executing.saturating_sub(Self::cost(t));
-                            t.state = TaskState::Queued;
-                        }
-                        if t.state != TaskState::Running {
-                            // Not started (waiting for Data-Out or budget): end it
-                            // with TASK ABORTED so the initiator can free it.
-                            self.buffered -= t.data.len();
-                            self.tasks.remove(&rtt);
-                            let mut r = Pdu::new(opcode::SCSI_RSP);
-                            r.bhs[1] = 0x80;
-                            r.bhs[3] = basalt_scsi::Status::TaskAborted as u8;
-                            r.set_u32(16, rtt);
-                            self.seal(&mut r, true);
-                            self.send(&r);
-                        } else {
-                            self.events.push_back(Event::Aborted(rtt));
-                        }
+                // ABORT TASK. A task that is no longer here has completed (or never
+                // existed within the window): Function complete either way.
+                if let Some(t) = self.tasks.get_mut(&rtt) {
+                    t.aborted = true;
+                    // A command whose execution the driver has not picked up yet
+                    // (its Data-Out came in the same read as the abort) is still
+                    // abortable.
+                    let pending = self
+                        .events
+                        .iter()
+                        .position(|e| matches!(e, Event::Execute(c) if c.itt == rtt));
+                    if let Some(i) = pending {
+                        self.events.remove(i);
+                        self.executing = self.executing.saturating_sub(Self::cost(t));
+                        t.state = TaskState::Queued;
                     }
-                    None => {
-                        let _ = ref_cmd_sn;
-                        response = 0;
+                    if t.state != TaskState::Running {
+                        // Not started (waiting for Data-Out or budget): end it with
+                        // TASK ABORTED so the initiator can free it (libiscsi 1.19
+                        // double-frees the task without this status).
+                        self.drop_task(rtt);
+                        let mut r = Pdu::new(opcode::SCSI_RSP);
+                        r.bhs[1] = 0x80;
+                        r.bhs[3] = basalt_scsi::Status::TaskAborted as u8;
+                        r.set_u32(16, rtt);
+                        self.seal(&mut r, true);
+                        self.send(&r);
+                    } else {
+                        // Running: the response waits until the command has ended,
+                        // so that nothing it does lands after it (SAM-5 7.2).
+                        self.events.push_back(Event::Aborted(rtt));
+                        tmf.waiting.push(rtt);
                     }
                 }
             }
             2 | 4 | 5 => {
-                // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET.
+                // ABORT TASK SET (this nexus's tasks), CLEAR TASK SET (the task set is
+                // shared by all initiators: TST 0) and LOGICAL UNIT RESET (every
+                // task of the unit, from every session).
+                let lu = self.lookup_lun(lun);
                 let itts: Vec<u32> = self
                     .tasks
                     .iter()
@@ -991,59 +1088,201 @@ impl Connection {
                     .map(|(i, _)| *i)
                     .collect();
                 for i in itts {
-                    self.abort_local(i);
-                }
-                if func == 5 {
-                    match self.luns.as_ref().and_then(|l| l.lun(lun)) {
-                        Some(lu) => lu.reset(ResetKind::Lun, self.nexus.as_deref()),
-                        None => response = 2,
+                    if self.abort_silently(i) {
+                        tmf.waiting.push(i);
                     }
+                }
+                match lu {
+                    Some(lu) if func != 2 => {
+                        let ticket = self.new_ticket();
+                        tmf.external = Some(ticket);
+                        self.events.push_back(Event::AbortElsewhere {
+                            ticket,
+                            units: vec![lu.clone()],
+                        });
+                        if func == 5 {
+                            tmf.reset = Some((ResetKind::Lun, vec![lu]));
+                        }
+                    }
+                    Some(_) => {}
+                    None if func == 5 => tmf.response = 2,
+                    None => {}
                 }
             }
             6 | 7 => {
+                // TARGET WARM/COLD RESET: every task of every unit of the target.
                 let itts: Vec<u32> = self.tasks.keys().copied().collect();
                 for i in itts {
-                    self.abort_local(i);
-                }
-                if let Some(l) = &self.luns {
-                    let kind = if func == 6 {
-                        ResetKind::TargetWarm
-                    } else {
-                        ResetKind::TargetCold
-                    };
-                    for n in l.list() {
-                        if let Some(lu) = l.lun(n) {
-                            lu.reset(kind, self.nexus.as_deref());
-                        }
+                    if self.abort_silently(i) {
+                        tmf.waiting.push(i);
                     }
                 }
-                self.events
-                    .push_back(Event::TargetReset { cold: func == 7 });
+                let units: Vec<Arc<LogicalUnit>> = match &self.luns {
+                    Some(l) => l.list().into_iter().filter_map(|n| l.lun(n)).collect(),
+                    None => Vec::new(),
+                };
+                let ticket = self.new_ticket();
+                tmf.external = Some(ticket);
+                self.events.push_back(Event::AbortElsewhere {
+                    ticket,
+                    units: units.clone(),
+                });
+                let kind = if func == 6 {
+                    ResetKind::TargetWarm
+                } else {
+                    ResetKind::TargetCold
+                };
+                tmf.reset = Some((kind, units));
+                tmf.cold = func == 7;
             }
-            3 => response = 5,
-            8 => response = 4,
-            _ => response = 255,
+            3 => tmf.response = 5,
+            8 => tmf.response = 4,
+            _ => tmf.response = 255,
         }
         self.ready.retain(|i| self.tasks.contains_key(i));
-        let mut r = Pdu::new(opcode::TASK_MGMT_RSP);
-        r.bhs[1] = 0x80;
-        r.bhs[2] = response;
-        r.set_u32(16, p.itt());
-        self.seal(&mut r, true);
-        self.send(&r);
-        if func == 7 {
-            self.close();
+        self.tmfs.push(tmf);
+        self.settle_tmfs();
+    }
+
+    /// Aborts a task of this session for one of its own task management functions:
+    /// no status for it. Returns true if it is running (the function's response
+    /// waits for it).
+    fn abort_silently(&mut self, itt: u32) -> bool {
+        let Some(t) = self.tasks.get_mut(&itt) else {
+            return false;
+        };
+        t.aborted = true;
+        if t.state == TaskState::Running {
+            self.events.push_back(Event::Aborted(itt));
+            true
+        } else {
+            self.drop_task(itt);
+            false
         }
     }
 
-    fn abort_local(&mut self, itt: u32) {
-        if let Some(t) = self.tasks.get_mut(&itt) {
-            t.aborted = true;
+    /// Forgets a task that is not running, with its buffered Data-Out.
+    fn drop_task(&mut self, itt: u32) {
+        if let Some(t) = self.tasks.remove(&itt) {
+            self.buffered -= t.data.len();
+        }
+    }
+
+    fn new_ticket(&mut self) -> u64 {
+        self.next_ticket += 1;
+        self.next_ticket
+    }
+
+    /// Another session reset (or cleared the task set of) some of these units: every
+    /// task of this session on them is aborted and ends with TASK ABORTED status (TAS
+    /// 1, as LIO does, so initiators retry at once instead of timing out). Returns a
+    /// ticket when some of them are running: [`Event::AbortDone`] with it follows once
+    /// they have all ended; `None` when nothing is left running.
+    pub fn abort_for_others(&mut self, units: &[Arc<LogicalUnit>]) -> Option<u64> {
+        let hit: Vec<u32> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.lu.as_ref()
+                    .is_some_and(|lu| units.iter().any(|u| Arc::ptr_eq(u, lu)))
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        let mut running = Vec::new();
+        for itt in hit {
+            let Some(t) = self.tasks.get_mut(&itt) else {
+                continue;
+            };
             if t.state == TaskState::Running {
+                t.third_party_abort = true;
                 self.events.push_back(Event::Aborted(itt));
+                running.push(itt);
+            } else if !t.aborted {
+                self.drop_task(itt);
+                self.send_task_aborted(itt);
+            }
+        }
+        self.ready.retain(|i| self.tasks.contains_key(i));
+        if running.is_empty() {
+            return None;
+        }
+        let ticket = self.new_ticket();
+        self.foreign_aborts.push((ticket, running));
+        Some(ticket)
+    }
+
+    /// The driver's answer to [`Event::AbortElsewhere`]: every other session has
+    /// ended its tasks on the units.
+    pub fn abort_elsewhere_done(&mut self, ticket: u64) {
+        for t in &mut self.tmfs {
+            if t.external == Some(ticket) {
+                t.external = None;
+            }
+        }
+        self.settle_tmfs();
+    }
+
+    fn send_task_aborted(&mut self, itt: u32) {
+        let mut r = Pdu::new(opcode::SCSI_RSP);
+        r.bhs[1] = 0x80;
+        r.bhs[3] = basalt_scsi::Status::TaskAborted as u8;
+        r.set_u32(16, itt);
+        self.seal(&mut r, true);
+        self.send(&r);
+    }
+
+    /// A running task has ended (completed, or its result dropped): releases the
+    /// task management functions and foreign aborts that waited for it.
+    fn task_ended(&mut self, itt: u32) {
+        let mut changed = false;
+        for t in &mut self.tmfs {
+            if let Some(i) = t.waiting.iter().position(|x| *x == itt) {
+                t.waiting.swap_remove(i);
+                changed = true;
+            }
+        }
+        if changed {
+            self.settle_tmfs();
+        }
+        let mut done = Vec::new();
+        self.foreign_aborts.retain_mut(|(ticket, itts)| {
+            itts.retain(|x| *x != itt);
+            if itts.is_empty() {
+                done.push(*ticket);
+                false
             } else {
-                self.buffered -= t.data.len();
-                self.tasks.remove(&itt);
+                true
+            }
+        });
+        for ticket in done {
+            self.events.push_back(Event::AbortDone(ticket));
+        }
+    }
+
+    /// Sends the responses of task management functions whose aborted tasks have all
+    /// ended, in the order the functions came; resets the units first.
+    fn settle_tmfs(&mut self) {
+        while let Some(t) = self.tmfs.first() {
+            if !t.waiting.is_empty() || t.external.is_some() {
+                return;
+            }
+            let t = self.tmfs.remove(0);
+            if let Some((kind, units)) = &t.reset {
+                for lu in units {
+                    lu.reset(*kind, self.nexus.as_deref());
+                }
+            }
+            let mut r = Pdu::new(opcode::TASK_MGMT_RSP);
+            r.bhs[1] = 0x80;
+            r.bhs[2] = t.response;
+            r.set_u32(16, t.itt);
+            self.seal(&mut r, true);
+            self.send(&r);
+            if t.cold {
+                self.events.push_back(Event::TargetReset { cold: true });
+                self.close();
+            } else if matches!(t.reset, Some((ResetKind::TargetWarm, _))) {
+                self.events.push_back(Event::TargetReset { cold: false });
             }
         }
     }
@@ -1476,6 +1715,62 @@ impl Connection {
     }
 }
 
+/// The CDB bytes of a SCSI Command BHS.
+fn cdb16(bhs: &[u8; pdu::BHS_LEN]) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c.copy_from_slice(&bhs[32..48]);
+    c
+}
+
+/// Alignment of Data-Out buffers: what O_DIRECT needs, so that a block device can
+/// write them as they are, without a bounce copy.
+const DATA_ALIGN: usize = 4096;
+/// Largest Data-Out buffer allocated up front; longer transfers grow it.
+const DATA_PREALLOC: usize = 16 << 20;
+
+/// Appends Data-Out bytes to the task's buffer. The first call allocates the whole
+/// transfer (up to [`DATA_PREALLOC`]) at a [`DATA_ALIGN`]-aligned start, so there is
+/// neither a reallocation nor a bounce copy below.
+fn put_data(t: &mut Task, b: &[u8]) {
+    if t.data.capacity() == 0 {
+        let total = (t.spdtl_out.min(u64::from(t.edtl)) as usize)
+            .min(DATA_PREALLOC)
+            .max(b.len());
+        let mut buf = BytesMut::with_capacity(total + DATA_ALIGN - 1);
+        let skip = buf.as_ptr().align_offset(DATA_ALIGN).min(DATA_ALIGN - 1);
+        buf.put_bytes(0, skip);
+        buf.advance(skip);
+        t.data = buf;
+    }
+    t.data.extend_from_slice(b);
+}
+
+/// Hashes initiator task tags (and other small integers) with one multiplication: a
+/// connection has at most a few hundred tasks, so collisions cost little, and SipHash
+/// cost more than the rest of a lookup.
+#[derive(Default)]
+pub(crate) struct TagHasher(u64);
+
+impl Hasher for TagHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// How many of `len` Data-Out bytes at `offset` to keep: nothing past what the CDB
 /// can use.
 fn keep_len(t: &Task, offset: usize, len: usize) -> usize {
@@ -1524,4 +1819,429 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::{
+        mem_unit, read16, write16, GateDev, Pair, TestCatalog, TestLuns, TARGET,
+    };
+    use basalt_scsi::LunIdentity;
+    use std::collections::BTreeMap;
+
+    fn key<'a>(keys: &'a [(String, String)], k: &str) -> Option<&'a str> {
+        keys.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str())
+    }
+
+    fn gated_unit(id: u128) -> (Arc<GateDev>, Arc<LogicalUnit>) {
+        let dev = GateDev::new(16);
+        let lu = Arc::new(LogicalUnit::new(dev.clone(), LunIdentity::new(id), None));
+        (dev, lu)
+    }
+
+    /// The (key, ASC, ASCQ) of the fixed-format sense in a SCSI Response.
+    fn sense_of(r: &Pdu) -> (u8, u8, u8) {
+        let s = &r.data[2..];
+        (s[2] & 0x0f, s[12], s[13])
+    }
+
+    #[test]
+    fn negotiation_clamps_and_declines() {
+        let cfg = ConnConfig::default();
+        let mut p = Pair::with_units(cfg.clone(), &[(0, mem_unit(1, 16))]);
+        let reply = p.login(&[
+            ("MaxBurstLength", "16777215"),
+            ("FirstBurstLength", "16777215"),
+            ("MaxConnections", "8"),
+            ("MaxOutstandingR2T", "4"),
+            ("ErrorRecoveryLevel", "2"),
+            ("HeaderDigest", "CRC32C,None"),
+            ("DataDigest", "None"),
+            ("MaxRecvDataSegmentLength", "8192"),
+            ("X-com.example.Vendor", "1"),
+        ]);
+        let want_burst = cfg.max_burst.to_string();
+        let want_first = cfg.first_burst.to_string();
+        let want_mrdsl = cfg.max_recv_data.to_string();
+        assert_eq!(key(&reply, "MaxBurstLength"), Some(want_burst.as_str()));
+        assert_eq!(key(&reply, "FirstBurstLength"), Some(want_first.as_str()));
+        // One connection per session, one R2T per task, ERL 0: whatever is offered.
+        assert_eq!(key(&reply, "MaxConnections"), Some("1"));
+        assert_eq!(key(&reply, "MaxOutstandingR2T"), Some("1"));
+        assert_eq!(key(&reply, "ErrorRecoveryLevel"), Some("0"));
+        assert_eq!(key(&reply, "HeaderDigest"), Some("CRC32C"));
+        assert_eq!(key(&reply, "DataDigest"), Some("None"));
+        assert_eq!(
+            key(&reply, "MaxRecvDataSegmentLength"),
+            Some(want_mrdsl.as_str())
+        );
+        assert_eq!(key(&reply, "X-com.example.Vendor"), Some("NotUnderstood"));
+        assert_eq!(p.conn.params().peer_mrdsl, 8192);
+        // Header digests are on from the first full-feature PDU, both ways.
+        let mut nop = Pdu::new(opcode::NOP_OUT | 0x40);
+        nop.bhs[1] = 0x80;
+        nop.set_u32(16, 77);
+        nop.set_u32(20, 0xffff_ffff);
+        nop.set_u32(24, p.cmd_sn);
+        nop.data = Bytes::from_static(b"ping");
+        p.send(&nop);
+        let r = p.recv();
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].opcode(), r[0].itt()), (opcode::NOP_IN, 77));
+        assert_eq!(&r[0].data[..], b"ping");
+    }
+
+    #[test]
+    fn login_errors() {
+        let unit = mem_unit(1, 16);
+        // No InitiatorName: 02/07 (missing parameter).
+        let mut p = Pair::with_units(ConnConfig::default(), &[(0, unit.clone())]);
+        let (r, _) = p.login_step(1, 3, true, &[("TargetName", TARGET)]);
+        assert_eq!((r.bhs[36], r.bhs[37]), (2, 0x07));
+        assert!(p.conn.is_closed());
+        // Unknown target: 02/03.
+        let mut p = Pair::with_units(ConnConfig::default(), &[(0, unit.clone())]);
+        let (r, _) = p.login_step(
+            1,
+            3,
+            true,
+            &[
+                ("InitiatorName", "iqn.2026-11.test:i"),
+                ("TargetName", "iqn.2026-11.test:nope"),
+            ],
+        );
+        assert_eq!((r.bhs[36], r.bhs[37]), (2, 0x03));
+        // A non-zero TSIH (adding a connection to a session): 02/0a, no MC/S.
+        let mut p = Pair::with_units(ConnConfig::default(), &[(0, unit.clone())]);
+        let mut q = p.login_pdu(
+            1,
+            3,
+            true,
+            &[
+                ("InitiatorName", "iqn.2026-11.test:i"),
+                ("TargetName", TARGET),
+            ],
+        );
+        q.bhs[15] = 7;
+        p.send(&q);
+        let r = p.recv().pop().unwrap();
+        assert_eq!((r.bhs[36], r.bhs[37]), (2, 0x0a));
+        // Transit and Continue together: 02/0b.
+        let mut p = Pair::with_units(ConnConfig::default(), &[(0, unit)]);
+        let mut q = p.login_pdu(
+            1,
+            3,
+            true,
+            &[
+                ("InitiatorName", "iqn.2026-11.test:i"),
+                ("TargetName", TARGET),
+            ],
+        );
+        q.bhs[1] |= 0x40;
+        p.send(&q);
+        let r = p.recv().pop().unwrap();
+        assert_eq!((r.bhs[36], r.bhs[37]), (2, 0x0b));
+    }
+
+    fn chap_pair(mutual: bool) -> Pair {
+        let luns = Arc::new(TestLuns(BTreeMap::from([(0, mem_unit(1, 16))])));
+        let chap = ChapSecrets {
+            user: "alice".into(),
+            secret: "alice-secret-12".into(),
+            mutual: mutual.then(|| ("target".into(), "target-secret-1".into())),
+        };
+        Pair::new(
+            ConnConfig::default(),
+            Arc::new(TestCatalog {
+                luns,
+                chap: Some(chap),
+            }),
+        )
+    }
+
+    /// Runs the CHAP exchange up to the response; returns the final login response.
+    fn chap_login(
+        p: &mut Pair,
+        secret: &str,
+        mutual_challenge: Option<&[u8]>,
+    ) -> (Pdu, Vec<(String, String)>) {
+        let names = [
+            ("InitiatorName", "iqn.2026-11.test:i"),
+            ("TargetName", TARGET),
+            ("AuthMethod", "CHAP,None"),
+        ];
+        let (r, keys) = p.login_step(0, 1, true, &names);
+        assert_eq!(key(&keys, "AuthMethod"), Some("CHAP"));
+        assert_eq!(r.bhs[1] & 0x80, 0, "no transit before authentication");
+        let (_, keys) = p.login_step(0, 1, false, &[("CHAP_A", "7,5")]);
+        assert_eq!(key(&keys, "CHAP_A"), Some("5"));
+        let id: u8 = key(&keys, "CHAP_I").unwrap().parse().unwrap();
+        let challenge = unhex(key(&keys, "CHAP_C").unwrap()).unwrap();
+        let resp = format!(
+            "0x{}",
+            hex(&chap_response(id, secret.as_bytes(), &challenge))
+        );
+        let mut answer = vec![("CHAP_N", "alice"), ("CHAP_R", resp.as_str())];
+        let ic;
+        if let Some(c) = mutual_challenge {
+            ic = format!("0x{}", hex(c));
+            answer.push(("CHAP_I", "9"));
+            answer.push(("CHAP_C", ic.as_str()));
+        }
+        p.login_step(0, 1, true, &answer)
+    }
+
+    #[test]
+    fn chap_and_mutual_chap() {
+        // Right secret: on to the operational stage, then full feature phase.
+        let mut p = chap_pair(false);
+        let (r, _) = chap_login(&mut p, "alice-secret-12", None);
+        assert_eq!((r.bhs[36], r.bhs[37]), (0, 0));
+        assert_eq!(r.bhs[1] & 0x83, 0x81);
+        let (r, _) = p.login_step(1, 3, true, &[]);
+        assert_eq!(r.bhs[1] & 0x83, 0x83);
+        // Wrong secret: 02/01 and the connection closes.
+        let mut p = chap_pair(false);
+        let (r, _) = chap_login(&mut p, "not-the-secret", None);
+        assert_eq!((r.bhs[36], r.bhs[37]), (2, 0x01));
+        assert!(p.conn.is_closed());
+        // Skipping the security stage when CHAP is required: 02/01.
+        let mut p = chap_pair(false);
+        let (r, _) = p.login_step(
+            1,
+            3,
+            true,
+            &[
+                ("InitiatorName", "iqn.2026-11.test:i"),
+                ("TargetName", TARGET),
+            ],
+        );
+        assert_eq!((r.bhs[36], r.bhs[37]), (2, 0x01));
+        // Mutual: the target proves it knows its secret.
+        let mut p = chap_pair(true);
+        let challenge = [5u8; 16];
+        let (r, keys) = chap_login(&mut p, "alice-secret-12", Some(&challenge));
+        assert_eq!((r.bhs[36], r.bhs[37]), (0, 0));
+        assert_eq!(key(&keys, "CHAP_N"), Some("target"));
+        let want = chap_response(9, b"target-secret-1", &challenge);
+        assert_eq!(unhex(key(&keys, "CHAP_R").unwrap()), Some(want));
+        // Mutual CHAP configured but the initiator does not ask: refused.
+        let mut p = chap_pair(true);
+        let (r, _) = chap_login(&mut p, "alice-secret-12", None);
+        assert_eq!((r.bhs[36], r.bhs[37]), (2, 0x01));
+    }
+
+    fn r2t_pair() -> Pair {
+        let cfg = ConnConfig {
+            immediate_data: false,
+            allow_unsolicited: false,
+            ..ConnConfig::default()
+        };
+        let mut p = Pair::with_units(cfg, &[(0, mem_unit(1, 16))]);
+        p.login(&[
+            ("InitialR2T", "Yes"),
+            ("ImmediateData", "No"),
+            ("MaxBurstLength", "4096"),
+        ]);
+        p
+    }
+
+    #[test]
+    fn writes_are_solicited_one_burst_at_a_time() {
+        let mut p = r2t_pair();
+        let data: Vec<u8> = (0..12288u32).map(|i| (i * 7) as u8).collect();
+        let (itt, cmd) = p.command(0, &write16(8, 24), 12288, false, true);
+        p.send(&cmd);
+        for burst in 0..3u32 {
+            let r = p.recv();
+            assert_eq!(r.len(), 1, "one R2T at a time (MaxOutstandingR2T=1)");
+            let r2t = &r[0];
+            assert_eq!(r2t.opcode(), opcode::R2T);
+            assert_eq!((r2t.itt(), r2t.u32(36)), (itt, burst));
+            assert_eq!((r2t.u32(40), r2t.u32(44)), (burst * 4096, 4096));
+            let ttt = r2t.u32(20);
+            // The burst in two Data-Out PDUs, DataSN counting from 0 in each burst.
+            let off = (burst * 4096) as usize;
+            for (sn, half) in [(0u32, 0usize), (1, 2048)] {
+                let chunk = Bytes::copy_from_slice(&data[off + half..off + half + 2048]);
+                let fin = half == 2048;
+                p.send(&Pair::data_out(
+                    itt,
+                    ttt,
+                    sn,
+                    (off + half) as u32,
+                    chunk,
+                    fin,
+                ));
+            }
+        }
+        let r = p.recv();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].opcode(), r[0].itt(), r[0].bhs[3]),
+            (opcode::SCSI_RSP, itt, 0)
+        );
+        let (_, cmd) = p.command(0, &read16(8, 24), 12288, true, false);
+        p.send(&cmd);
+        let r = p.recv();
+        let got: Vec<u8> = r.iter().flat_map(|d| d.data.to_vec()).collect();
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn out_of_order_data_out_is_rejected() {
+        // Wrong offset, then wrong DataSN: ERL 0 cannot recover either; the PDU is
+        // rejected and the connection dropped.
+        for (bad_sn, bad_off) in [(0u32, 1024u32), (1, 0)] {
+            let mut p = r2t_pair();
+            let (itt, cmd) = p.command(0, &write16(0, 8), 4096, false, true);
+            p.send(&cmd);
+            let ttt = p.recv()[0].u32(20);
+            let chunk = Bytes::from(vec![1u8; 1024]);
+            p.send(&Pair::data_out(itt, ttt, bad_sn, bad_off, chunk, false));
+            let r = p.recv();
+            assert_eq!(r.len(), 1);
+            assert_eq!((r[0].opcode(), r[0].bhs[2]), (opcode::REJECT, 0x09));
+            assert!(p.conn.is_closed());
+            assert!(p.events.iter().any(|e| matches!(e, Event::Close)));
+        }
+        // Unsolicited Data-Out when InitialR2T=Yes: rejected, the connection stays.
+        let mut p = r2t_pair();
+        let (itt, cmd) = p.command(0, &write16(0, 8), 4096, false, true);
+        p.send(&cmd);
+        let _ = p.recv();
+        let chunk = Bytes::from(vec![1u8; 1024]);
+        p.send(&Pair::data_out(itt, 0xffff_ffff, 0, 0, chunk, false));
+        let r = p.recv();
+        assert_eq!((r[0].opcode(), r[0].bhs[2]), (opcode::REJECT, 0x09));
+        assert!(!p.conn.is_closed());
+    }
+
+    #[test]
+    fn abort_of_running_command_answers_after_it_ends() {
+        let (gate, lu) = gated_unit(1);
+        let mut p = Pair::with_units(ConnConfig::default(), &[(0, lu)]);
+        p.login(&[]);
+        gate.set_open(false);
+        let (itt, cmd) = p.command(0, &read16(0, 8), 4096, true, false);
+        p.send(&cmd);
+        assert_eq!(p.running(), 1);
+        let (tmf_itt, tmf) = p.tmf(1, 0, itt);
+        p.send(&tmf);
+        assert!(p.recv().is_empty(), "no TMF response while the read runs");
+        gate.set_open(true);
+        p.run();
+        let r = p.recv();
+        assert_eq!(
+            r.len(),
+            1,
+            "only the TMF response: {:?}",
+            r.iter().map(|x| x.opcode()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            (r[0].opcode(), r[0].itt(), r[0].bhs[2]),
+            (opcode::TASK_MGMT_RSP, tmf_itt, 0)
+        );
+    }
+
+    #[test]
+    fn lun_reset_aborts_other_sessions_tasks() {
+        let (gate, lu) = gated_unit(1);
+        let mut a = Pair::with_units(ConnConfig::default(), &[(0, lu.clone())]);
+        a.initiator = "iqn.2026-11.test:a".into();
+        a.login(&[]);
+        let mut b = Pair::with_units(ConnConfig::default(), &[(0, lu)]);
+        b.initiator = "iqn.2026-11.test:b".into();
+        b.login(&[]);
+        gate.set_open(false);
+        let (a_itt, cmd) = a.command(0, &read16(0, 8), 4096, true, false);
+        a.send(&cmd);
+        let (tmf_itt, tmf) = b.tmf(5, 0, 0);
+        b.send(&tmf);
+        // B asks its driver to abort A's tasks on the unit (what server.rs does).
+        let (ticket, units) = b
+            .events
+            .iter()
+            .find_map(|e| match e {
+                Event::AbortElsewhere { ticket, units } => Some((*ticket, units.clone())),
+                _ => None,
+            })
+            .unwrap();
+        let a_ticket = a.conn.abort_for_others(&units).expect("a task is running");
+        assert!(b.recv().is_empty(), "the reset waits for A's read");
+        gate.set_open(true);
+        a.run();
+        assert!(a
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::AbortDone(t) if *t == a_ticket)));
+        // A's read ends with TASK ABORTED (TAS 1), without data.
+        let r = a.recv();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].opcode(), r[0].itt(), r[0].bhs[3]),
+            (opcode::SCSI_RSP, a_itt, 0x40)
+        );
+        b.conn.abort_elsewhere_done(ticket);
+        let r = b.recv();
+        assert_eq!(
+            (r[0].opcode(), r[0].itt(), r[0].bhs[2]),
+            (opcode::TASK_MGMT_RSP, tmf_itt, 0)
+        );
+        // A learns of the reset from a unit attention (29/03), B does not.
+        let (_, tur) = a.command(0, &[0u8; 6], 0, false, false);
+        a.send(&tur);
+        let r = a.recv();
+        assert_eq!(r[0].bhs[3], 2);
+        assert_eq!(sense_of(&r[0]), (6, 0x29, 0x03));
+        let (_, tur) = b.command(0, &[0u8; 6], 0, false, false);
+        b.send(&tur);
+        assert_eq!(b.recv()[0].bhs[3], 0);
+    }
+
+    #[test]
+    fn large_read_is_queued_without_copying() {
+        let mut p = Pair::with_units(ConnConfig::default(), &[(0, mem_unit(1, 16))]);
+        p.login(&[
+            ("MaxRecvDataSegmentLength", "262144"),
+            ("MaxBurstLength", "262144"),
+        ]);
+        let (itt, cmd) = p.command(0, &read16(0, 2048), 1 << 20, true, false);
+        p.send(&cmd);
+        // Four headers and the four 256 KiB slices of the device's buffer.
+        assert_eq!(p.conn.outgoing().pieces(), 8);
+        let r = p.recv();
+        assert_eq!(r.len(), 4);
+        for (i, d) in r.iter().enumerate() {
+            assert_eq!((d.opcode(), d.itt()), (opcode::DATA_IN, itt));
+            assert_eq!((d.u32(36), d.u32(40)), (i as u32, (i << 18) as u32));
+            assert_eq!(d.data.len(), 1 << 18);
+            assert_eq!(d.bhs[1] & 0x80, 0x80, "each PDU ends a 256 KiB burst");
+            assert_eq!(
+                d.bhs[1] & 0x01 != 0,
+                i == 3,
+                "status with the last one only"
+            );
+        }
+    }
+
+    #[test]
+    fn responses_to_a_batch_go_out_together() {
+        let mut p = Pair::with_units(ConnConfig::default(), &[(0, mem_unit(1, 16))]);
+        p.login(&[]);
+        let mut wire = BytesMut::new();
+        for i in 0..32u64 {
+            let (_, cmd) = p.command(0, &read16(i * 8, 8), 4096, true, false);
+            cmd.encode(&p.framing, &mut wire);
+        }
+        p.send_bytes(wire);
+        // One header piece and one data piece per command, ready for one writev.
+        assert_eq!(p.conn.outgoing().pieces(), 64);
+        let r = p.recv();
+        assert_eq!(r.len(), 32);
+        assert!(r
+            .iter()
+            .all(|d| d.opcode() == opcode::DATA_IN && d.bhs[1] & 0x81 == 0x81));
+    }
 }

@@ -4,7 +4,8 @@
 //! segment by the negotiated MaxRecvDataSegmentLength, the AHS by its one-byte length
 //! field. Fuzzed as `iscsi_pdu`.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use crate::txq::TxQueue;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Length of the basic header segment.
 pub const BHS_LEN: usize = 48;
@@ -116,6 +117,18 @@ pub fn check(buf: &[u8], f: &Framing) -> Result<usize, PduError> {
 /// Parses the PDU at the start of `buf` (which [`check`] accepted), consuming it.
 pub fn parse(buf: &mut BytesMut, f: &Framing) -> Result<Pdu, PduError> {
     let total = check(buf, f)?;
+    if total == BHS_LEN {
+        // The common case (a command without data, a NOP, a task management request):
+        // copy the header out, no reference to the receive buffer.
+        let mut bhs = [0u8; BHS_LEN];
+        bhs.copy_from_slice(&buf[..BHS_LEN]);
+        buf.advance(BHS_LEN);
+        return Ok(Pdu {
+            bhs,
+            ahs: Bytes::new(),
+            data: Bytes::new(),
+        });
+    }
     let wire = buf.split_to(total).freeze();
     let ahs_len = usize::from(wire[4]) * 4;
     let data_len = u24(&wire[5..8]);
@@ -199,6 +212,51 @@ impl Pdu {
         self.u32(16)
     }
 
+    /// Queues the PDU, framed, on `q`: the header is copied, the data segment is
+    /// queued as it is (no copy unless short).
+    pub fn encode_to(&self, f: &Framing, q: &mut TxQueue) {
+        let mut hdr = [0u8; BHS_LEN + 4];
+        let mut bhs = self.bhs;
+        bhs[4] = (self.ahs.len() / 4) as u8;
+        let n = self.data.len();
+        bhs[5] = (n >> 16) as u8;
+        bhs[6] = (n >> 8) as u8;
+        bhs[7] = n as u8;
+        if self.ahs.is_empty() {
+            hdr[..BHS_LEN].copy_from_slice(&bhs);
+            let mut h = BHS_LEN;
+            if f.header_digest {
+                let crc = crc32c::crc32c(&bhs);
+                hdr[h..h + 4].copy_from_slice(&crc.to_le_bytes());
+                h += 4;
+            }
+            q.put_slice(&hdr[..h]);
+        } else {
+            q.put_slice(&bhs);
+            q.put_slice(&self.ahs);
+            if f.header_digest {
+                let crc = crc32c::crc32c_append(crc32c::crc32c(&bhs), &self.ahs);
+                q.put_slice(&crc.to_le_bytes());
+            }
+        }
+        if n > 0 {
+            let pad = n.next_multiple_of(4) - n;
+            let crc = f
+                .data_digest
+                .then(|| crc32c::crc32c_append(crc32c::crc32c(&self.data), &[0u8; 3][..pad]));
+            q.put_bytes(self.data.clone());
+            let mut trailer = [0u8; 7];
+            let mut t = pad;
+            if let Some(crc) = crc {
+                trailer[t..t + 4].copy_from_slice(&crc.to_le_bytes());
+                t += 4;
+            }
+            if t > 0 {
+                q.put_slice(&trailer[..t]);
+            }
+        }
+    }
+
     /// Appends the PDU, framed, to `out`.
     pub fn encode(&self, f: &Framing, out: &mut BytesMut) {
         let mut bhs = self.bhs;
@@ -265,6 +323,32 @@ mod tests {
         let i = BHS_LEN + 4;
         bad[i] ^= 1;
         assert_eq!(parse(&mut bad, &f), Err(PduError::DataDigest));
+    }
+
+    #[test]
+    fn queued_encoding_matches_contiguous() {
+        for (hd, dd) in [(false, false), (true, false), (false, true), (true, true)] {
+            let f = Framing {
+                header_digest: hd,
+                data_digest: dd,
+                max_data: 1 << 20,
+            };
+            for n in [0usize, 1, 3, 4, 511, 512, 513, 4096, 65_537] {
+                let mut p = Pdu::new(opcode::DATA_IN);
+                p.data = Bytes::from((0..n).map(|i| i as u8).collect::<Vec<u8>>());
+                if n == 3 {
+                    p.ahs = Bytes::from_static(&[0, 1, 2, 3, 4, 5, 6, 7]);
+                }
+                let mut a = BytesMut::new();
+                p.encode(&f, &mut a);
+                let mut q = TxQueue::new();
+                p.encode_to(&f, &mut q);
+                assert_eq!(q.take_all(), a, "n {n} hd {hd} dd {dd}");
+                let mut back = a.clone();
+                let got = parse(&mut back, &f).unwrap();
+                assert_eq!(got.data, p.data);
+            }
+        }
     }
 
     #[test]

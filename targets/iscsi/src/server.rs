@@ -8,17 +8,22 @@ use crate::conn::{ConnConfig, Connection, Event};
 use crate::metrics::{LunCounters, MetricsSnapshot, TargetCounters};
 use basalt_blockdev::SharedBlockDev;
 use basalt_scsi::{LogicalUnit, LunIdentity, LunResolver, NexusId, PrStore};
+use bytes::Buf;
 use bytes::BytesMut;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 /// A unit to export: the device, its identity, and where its APTPL reservations live.
@@ -67,11 +72,25 @@ struct ConnEntry {
     target: String,
     key: Option<(String, [u8; 6])>,
     kill: Arc<Notify>,
+    inbox: mpsc::UnboundedSender<ConnMsg>,
+}
+
+/// What one connection's task asks of another.
+enum ConnMsg {
+    /// Abort every task on these units (another session's reset or CLEAR TASK SET);
+    /// drop `ack` once they have all ended. The sender waits until every clone of
+    /// `ack` is gone.
+    Abort {
+        units: Vec<Arc<LogicalUnit>>,
+        ack: mpsc::Sender<()>,
+    },
 }
 
 struct Inner {
     conn_cfg: ConnConfig,
     snap: RwLock<Arc<Snapshot>>,
+    /// Bumped after every new snapshot: sessions cache LUN lookups until it changes.
+    version: AtomicU64,
     units: Mutex<HashMap<String, Arc<LogicalUnit>>>,
     config: Mutex<IscsiConfig>,
     listeners: Mutex<HashMap<SocketAddr, (SocketAddr, JoinHandle<()>)>>,
@@ -128,6 +147,7 @@ impl Inner {
             bound,
         };
         *self.snap.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     fn set_bound(&self, bound: HashMap<SocketAddr, SocketAddr>) {
@@ -153,7 +173,8 @@ fn secrets(c: &Chap) -> ChapSecrets {
     }
 }
 
-/// The LUN view of one session: looked up in the live snapshot on every command.
+/// The LUN view of one session: looked up in the live snapshot; connections cache the
+/// answers until [`Inner::version`] changes.
 struct SessionView {
     inner: Arc<Inner>,
     target: String,
@@ -207,6 +228,10 @@ impl SessionLuns for SessionView {
             .copied()
             .filter(|n| self.visible(t, *n))
             .collect()
+    }
+
+    fn version(&self) -> Option<u64> {
+        Some(self.inner.version.load(Ordering::Acquire))
     }
 }
 
@@ -335,6 +360,7 @@ impl IscsiServer {
         let inner = Arc::new(Inner {
             conn_cfg,
             snap: RwLock::new(Arc::new(Snapshot::default())),
+            version: AtomicU64::new(0),
             units: Mutex::new(units),
             config: Mutex::new(config),
             listeners: Mutex::new(HashMap::new()),
@@ -463,113 +489,288 @@ struct Running {
     start: Instant,
 }
 
+/// Most bytes queued for the socket before the driver stops reading commands (the
+/// initiator is not reading its responses; in-flight commands still finish).
+const TX_HIGH_WATER: usize = 16 << 20;
+/// Free space kept in the receive buffer before each read.
+const RX_MIN_FREE: usize = 64 * 1024;
+/// Receive buffer growth step.
+const RX_CHUNK: usize = 256 * 1024;
+/// I/O vector entries per write.
+const MAX_IOV: usize = 128;
+/// Loop turns with progress before the driver yields to other tasks.
+const TURNS_BEFORE_YIELD: u32 = 64;
+
+/// The state of one connection's task: the socket, the sans-IO connection, the
+/// commands running, and what the driver needs for metrics and resets.
+struct ConnDriver<F, M> {
+    inner: Arc<Inner>,
+    id: u64,
+    conn: Connection,
+    stream: TcpStream,
+    rbuf: BytesMut,
+    /// Makes the future of a command (a closure, so that the future's type, which
+    /// has no name, can be the type parameter `F`).
+    start: M,
+    running: FuturesUnordered<F>,
+    target_counters: Option<Arc<TargetCounters>>,
+    lun_counters: Vec<(u64, Arc<LunCounters>)>,
+    closing: bool,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    sleep_at: Option<Instant>,
+    kill: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    inbox: mpsc::UnboundedReceiver<ConnMsg>,
+    /// Our task management functions waiting for other connections: (ticket, the
+    /// receiver that ends when every connection has dropped its ack).
+    resets: Vec<(u64, mpsc::Receiver<()>)>,
+    /// Acks of other connections' aborts we still owe: (our ticket, ack).
+    acks: Vec<(u64, mpsc::Sender<()>)>,
+}
+
+/// How a connection's task ended.
+enum Exit {
+    /// Closed by the protocol (logout, error) after the last bytes went out.
+    Closed,
+    /// The peer went away, the socket failed, or the server killed the connection.
+    Dropped,
+}
+
+impl<F, M> ConnDriver<F, M>
+where
+    F: Future<Output = (Running, basalt_scsi::Response)>,
+    M: Fn(crate::conn::Command, Running) -> F,
+{
+    /// Starts the commands and handles the session events the connection produced.
+    fn drain_events(&mut self) {
+        while let Some(ev) = self.conn.poll_event() {
+            match ev {
+                Event::Execute(cmd) => {
+                    let meta = Running {
+                        itt: cmd.itt,
+                        counters: self.lun_counters(&cmd),
+                        written: cmd.data_out.len() as u64,
+                        start: Instant::now(),
+                    };
+                    self.running.push((self.start)(cmd, meta));
+                }
+                Event::LoggedIn { nexus, target } => {
+                    if let Some(n) = nexus {
+                        let c = self.inner.counters(&target);
+                        c.sessions.fetch_add(1, Ordering::Relaxed);
+                        c.logins.fetch_add(1, Ordering::Relaxed);
+                        self.target_counters = Some(c);
+                        reinstate(&self.inner, self.id, &n);
+                    }
+                }
+                Event::Aborted(_) => {}
+                Event::AbortElsewhere { ticket, units } => {
+                    let (ack, done) = mpsc::channel(1);
+                    for (cid, c) in lock(&self.inner.conns).iter() {
+                        if *cid != self.id {
+                            let _ = c.inbox.send(ConnMsg::Abort {
+                                units: units.clone(),
+                                ack: ack.clone(),
+                            });
+                        }
+                    }
+                    self.resets.push((ticket, done));
+                }
+                Event::AbortDone(ticket) => self.acks.retain(|(t, _)| *t != ticket),
+                Event::TargetReset { cold } => {
+                    if cold {
+                        let t = self
+                            .conn
+                            .nexus()
+                            .map(|n| n.target.clone())
+                            .unwrap_or_default();
+                        for (cid, c) in lock(&self.inner.conns).iter() {
+                            if *cid != self.id && c.target.eq_ignore_ascii_case(&t) {
+                                c.kill.notify_one();
+                            }
+                        }
+                    }
+                }
+                Event::Close => self.closing = true,
+            }
+        }
+    }
+
+    fn lun_counters(&mut self, cmd: &crate::conn::Command) -> Arc<LunCounters> {
+        if let Some((_, c)) = self.lun_counters.iter().find(|(l, _)| *l == cmd.lun) {
+            return c.clone();
+        }
+        let Some(t) = &self.target_counters else {
+            return Arc::new(LunCounters::default());
+        };
+        let snap = self.inner.snapshot();
+        let name = snap
+            .targets
+            .get(&cmd.nexus.target.to_ascii_lowercase())
+            .and_then(|t| t.names.get(&cmd.lun).cloned())
+            .unwrap_or_default();
+        let c = t.lun(cmd.lun, &name);
+        self.lun_counters.push((cmd.lun, c.clone()));
+        c
+    }
+
+    /// Runs the connection until it ends: reads and parses everything the socket
+    /// has, starts the commands, collects their results, and writes every queued
+    /// response with one vectored write, then sleeps until the socket, a command,
+    /// the timer or a kill wakes it.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Exit> {
+        let mut turns = 0;
+        loop {
+            let mut progress = false;
+            // Read what the socket has, unless responses are piling up unread.
+            if !self.closing && self.conn.outgoing().remaining() < TX_HIGH_WATER {
+                if self.rbuf.capacity() - self.rbuf.len() < RX_MIN_FREE {
+                    self.rbuf.reserve(RX_CHUNK);
+                }
+                // poll_read (not try_read) so that a short read, which drained the
+                // socket, clears tokio's readiness at once instead of costing one
+                // more read that would block.
+                let mut rb = ReadBuf::uninit(self.rbuf.spare_capacity_mut());
+                match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            return Poll::Ready(Exit::Dropped);
+                        }
+                        // SAFETY: the read initialised the first n bytes of the spare
+                        // capacity (ReadBuf tracks what it filled).
+                        unsafe { self.rbuf.set_len(self.rbuf.len() + n) };
+                        self.conn.receive(&mut self.rbuf, Instant::now());
+                        progress = true;
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Exit::Dropped),
+                    Poll::Pending => {}
+                }
+            }
+            // Other connections' resets, and the answers to ours.
+            while let Poll::Ready(Some(msg)) = self.inbox.poll_recv(cx) {
+                match msg {
+                    ConnMsg::Abort { units, ack } => {
+                        if let Some(ticket) = self.conn.abort_for_others(&units) {
+                            self.acks.push((ticket, ack));
+                        }
+                    }
+                }
+                progress = true;
+            }
+            let mut i = 0;
+            while i < self.resets.len() {
+                if let Poll::Ready(None) = self.resets[i].1.poll_recv(cx) {
+                    let (ticket, _) = self.resets.swap_remove(i);
+                    self.conn.abort_elsewhere_done(ticket);
+                    progress = true;
+                } else {
+                    i += 1;
+                }
+            }
+            // Start new commands and finish completed ones until neither happens.
+            loop {
+                self.drain_events();
+                let mut done = false;
+                while let Poll::Ready(Some((meta, r))) = self.running.poll_next_unpin(cx) {
+                    finish(&mut self.conn, meta, r);
+                    done = true;
+                }
+                if !done {
+                    break;
+                }
+                progress = true;
+            }
+            // Write everything queued.
+            while self.conn.has_output() {
+                let q = self.conn.outgoing();
+                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let n = q.chunks_vectored(&mut iov);
+                match Pin::new(&mut self.stream).poll_write_vectored(cx, &iov[..n]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Exit::Dropped),
+                    Poll::Ready(Ok(w)) => {
+                        self.conn.outgoing().advance(w);
+                        progress = true;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if self.closing && !self.conn.has_output() {
+                return Poll::Ready(Exit::Closed);
+            }
+            if self.kill.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Exit::Dropped);
+            }
+            // Timers: login timeout, NOP-In keepalive.
+            let at = self.conn.poll_timeout();
+            if at != self.sleep_at {
+                self.sleep_at = at;
+                let deadline = at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+                self.sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(deadline));
+            }
+            if self.sleep_at.is_some() && self.sleep.as_mut().poll(cx).is_ready() {
+                self.conn.handle_timeout(Instant::now());
+                // The deadline moves (or the connection closes); poll it again.
+                self.sleep_at = None;
+                progress = true;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+            turns += 1;
+            if turns == TURNS_BEFORE_YIELD {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
 async fn run_connection(inner: Arc<Inner>, stream: TcpStream, bound: SocketAddr) {
     let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let kill = Arc::new(Notify::new());
+    let (inbox_tx, inbox) = mpsc::unbounded_channel();
     lock(&inner.conns).insert(
         id,
         ConnEntry {
             target: String::new(),
             key: None,
             kill: kill.clone(),
+            inbox: inbox_tx,
         },
     );
     let catalog: Arc<dyn Catalog> = Arc::new(CatalogImpl(inner.clone()));
-    let mut conn = Connection::new(
+    let conn = Connection::new(
         inner.conn_cfg.clone(),
         catalog,
         bound.to_string(),
         Instant::now(),
     );
-    let (mut rd, mut wr) = stream.into_split();
-    let mut rbuf = BytesMut::with_capacity(512 * 1024);
-    let mut running = FuturesUnordered::new();
-    let mut target_counters: Option<Arc<TargetCounters>> = None;
-    let mut closing = false;
-    let mut lun_counters: HashMap<u64, Arc<LunCounters>> = HashMap::new();
-    'outer: loop {
-        while let Some(ev) = conn.poll_event() {
-            match ev {
-                Event::Execute(cmd) => {
-                    let counters = match (&target_counters, lun_counters.get(&cmd.lun)) {
-                        (_, Some(c)) => c.clone(),
-                        (Some(t), None) => {
-                            let snap = inner.snapshot();
-                            let name = snap
-                                .targets
-                                .get(&cmd.nexus.target.to_ascii_lowercase())
-                                .and_then(|t| t.names.get(&cmd.lun).cloned())
-                                .unwrap_or_default();
-                            let c = t.lun(cmd.lun, &name);
-                            lun_counters.insert(cmd.lun, c.clone());
-                            c
-                        }
-                        (None, None) => Arc::new(LunCounters::default()),
-                    };
-                    let meta = Running {
-                        itt: cmd.itt,
-                        counters,
-                        written: cmd.data_out.len() as u64,
-                        start: Instant::now(),
-                    };
-                    running.push(cmd.run().map(move |(_, r)| (meta, r)));
-                }
-                Event::LoggedIn { nexus, target } => {
-                    if let Some(n) = nexus {
-                        let c = inner.counters(&target);
-                        c.sessions.fetch_add(1, Ordering::Relaxed);
-                        c.logins.fetch_add(1, Ordering::Relaxed);
-                        target_counters = Some(c);
-                        reinstate(&inner, id, &n);
-                    }
-                }
-                Event::Aborted(_) => {}
-                Event::TargetReset { cold } => {
-                    if cold {
-                        let t = conn.nexus().map(|n| n.target.clone()).unwrap_or_default();
-                        for (cid, c) in lock(&inner.conns).iter() {
-                            if *cid != id && c.target.eq_ignore_ascii_case(&t) {
-                                c.kill.notify_one();
-                            }
-                        }
-                    }
-                }
-                Event::Close => closing = true,
-            }
-        }
-        if conn.has_output() {
-            let out = conn.transmit();
-            if wr.write_all(&out).await.is_err() {
-                break;
-            }
-        }
-        if closing {
-            break;
-        }
-        let timeout = conn.poll_timeout();
-        tokio::select! {
-            r = rd.read_buf(&mut rbuf) => {
-                match r {
-                    Ok(0) | Err(_) => break 'outer,
-                    Ok(_) => conn.receive(&mut rbuf, Instant::now()),
-                }
-                if rbuf.capacity() - rbuf.len() < 64 * 1024 {
-                    rbuf.reserve(256 * 1024);
-                }
-            }
-            Some((meta, r)) = running.next(), if !running.is_empty() => {
-                finish(&mut conn, meta, r);
-                while let Some(Some((meta, r))) = running.next().now_or_never() {
-                    finish(&mut conn, meta, r);
-                }
-            }
-            _ = sleep_until(timeout) => conn.handle_timeout(Instant::now()),
-            _ = kill.notified() => break 'outer,
-        }
+    let mut d = ConnDriver {
+        inner: inner.clone(),
+        id,
+        conn,
+        stream,
+        rbuf: BytesMut::with_capacity(RX_CHUNK),
+        start: |cmd: crate::conn::Command, meta: Running| cmd.run().map(move |(_, r)| (meta, r)),
+        running: FuturesUnordered::new(),
+        target_counters: None,
+        lun_counters: Vec::new(),
+        closing: false,
+        sleep: Box::pin(tokio::time::sleep(Duration::from_secs(86_400))),
+        sleep_at: None,
+        kill: Box::pin(kill.notified_owned()),
+        inbox,
+        resets: Vec::new(),
+        acks: Vec::new(),
+    };
+    let exit = std::future::poll_fn(|cx| d.poll_run(cx)).await;
+    if let Exit::Closed = exit {
+        let _ = d.stream.shutdown().await;
     }
-    let _ = wr.shutdown().await;
-    conn.shutdown();
-    if let Some(c) = target_counters {
+    d.conn.shutdown();
+    if let Some(c) = d.target_counters.take() {
         c.sessions.fetch_sub(1, Ordering::Relaxed);
     }
     lock(&inner.conns).remove(&id);
@@ -584,13 +785,6 @@ fn finish(conn: &mut Connection, meta: Running, r: basalt_scsi::Response) {
         nanos,
     );
     conn.complete(meta.itt, r);
-}
-
-async fn sleep_until(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Session reinstatement (RFC 7143 6.3.5): a new session with the same initiator name

@@ -6,7 +6,7 @@
 
 use basalt_blockdev::{BlockDev, MemDev, SharedBlockDev};
 use basalt_iscsi::{
-    Acl, ConnConfig, IscsiConfig, IscsiServer, LunHandle, LunMapping, TargetConfig,
+    Acl, Chap, ConnConfig, IscsiConfig, IscsiServer, LunHandle, LunMapping, TargetConfig,
 };
 use basalt_scsi::LunIdentity;
 use std::collections::HashMap;
@@ -45,6 +45,21 @@ fn unit(id: u128, mib: u64, phys: u32, read_only: bool) -> LunHandle {
 }
 
 async fn start(conn: ConnConfig) -> (IscsiServer, SocketAddr) {
+    start_with_acls(
+        conn,
+        [INIT1, INIT2]
+            .iter()
+            .map(|i| Acl {
+                initiator: i.to_string(),
+                luns: None,
+                chap: None,
+            })
+            .collect(),
+    )
+    .await
+}
+
+async fn start_with_acls(conn: ConnConfig, acls: Vec<Acl>) -> (IscsiServer, SocketAddr) {
     let mut units = HashMap::new();
     units.insert("lun0".to_string(), unit(1, 1024, 512, false));
     units.insert("ro".to_string(), unit(2, 64, 512, true));
@@ -63,14 +78,7 @@ async fn start(conn: ConnConfig) -> (IscsiServer, SocketAddr) {
                     name: n.to_string(),
                 })
                 .collect(),
-            acls: [INIT1, INIT2]
-                .iter()
-                .map(|i| Acl {
-                    initiator: i.to_string(),
-                    luns: None,
-                    chap: None,
-                })
-                .collect(),
+            acls,
             allow_any_initiator: false,
             chap: None,
         }],
@@ -110,6 +118,91 @@ async fn discovery_lists_only_permitted_targets() {
     ))
     .await;
     assert!(!out.status.success());
+    server.stop().await;
+}
+
+/// CHAP with libiscsi's iscsi-inq: INIT1 must pass mutual CHAP, INIT2 one-way CHAP.
+/// Right secrets log in; a wrong or missing secret, a target that cannot prove its
+/// secret, and mutual CHAP asked of a one-way ACL are all refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chap_and_mutual_chap_with_libiscsi() {
+    need("iscsi-inq");
+    let chap = |mutual: bool| Chap {
+        user: "alice".into(),
+        secret: "alice-secret-12".into(),
+        mutual_user: mutual.then(|| "basalt".into()),
+        mutual_secret: mutual.then(|| "basalt-secret-1".into()),
+    };
+    let acls = vec![
+        Acl {
+            initiator: INIT1.into(),
+            luns: None,
+            chap: Some(chap(true)),
+        },
+        Acl {
+            initiator: INIT2.into(),
+            luns: None,
+            chap: Some(chap(false)),
+        },
+    ];
+    let (server, addr) = start_with_acls(ConnConfig::default(), acls).await;
+    // (initiator, user%secret@, target user, target secret, should log in)
+    let cases = [
+        (
+            INIT1,
+            "alice%alice-secret-12@",
+            "basalt",
+            "basalt-secret-1",
+            true,
+        ),
+        (
+            INIT1,
+            "alice%wrong-secret-00@",
+            "basalt",
+            "basalt-secret-1",
+            false,
+        ),
+        (INIT1, "", "", "", false),
+        // Mutual CHAP configured, but the initiator does not challenge the target.
+        (INIT1, "alice%alice-secret-12@", "", "", false),
+        // The target's answer does not match what the initiator expects.
+        (
+            INIT1,
+            "alice%alice-secret-12@",
+            "basalt",
+            "other-secret-99",
+            false,
+        ),
+        (INIT2, "alice%alice-secret-12@", "", "", true),
+        (INIT2, "alice%wrong-secret-00@", "", "", false),
+        // One-way ACL: a challenge from the initiator cannot be answered.
+        (
+            INIT2,
+            "alice%alice-secret-12@",
+            "basalt",
+            "basalt-secret-1",
+            false,
+        ),
+    ];
+    for (init, cred, tuser, tsecret, ok) in cases {
+        let env = if tuser.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "LIBISCSI_CHAP_TARGET_USERNAME={tuser} LIBISCSI_CHAP_TARGET_PASSWORD={tsecret} "
+            )
+        };
+        let out = sh(format!(
+            "{env}iscsi-inq -i {init} iscsi://{cred}{addr}/{IQN}/0 2>&1"
+        ))
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(
+            out.status.success() && text.contains("BASALT"),
+            ok,
+            "{init} {cred} target {tuser}/{tsecret}: {text}"
+        );
+    }
     server.stop().await;
 }
 

@@ -73,7 +73,10 @@ pub fn cdb_len(opcode: u8) -> Option<usize> {
 
 /// Big-endian field of `n` bytes at `at`; zero where the CDB is too short.
 pub fn be(cdb: &[u8], at: usize, n: usize) -> u64 {
-    (at..at + n).fold(0u64, |acc, i| {
+    if let Some(b) = at.checked_add(n).and_then(|end| cdb.get(at..end)) {
+        return b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
+    }
+    (at..at.saturating_add(n)).fold(0u64, |acc, i| {
         (acc << 8) | u64::from(cdb.get(i).copied().unwrap_or(0))
     })
 }

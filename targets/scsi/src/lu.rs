@@ -447,7 +447,9 @@ impl LogicalUnit {
             op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => {
                 self.write(cdb, data_out, true).await
             }
-            op::WRITE_ATOMIC_16 => self.write_atomic(cdb, data_out).await,
+            // The rare commands with large futures are boxed, so that every command's
+            // future (which the transport moves and allocates per command) stays small.
+            op::WRITE_ATOMIC_16 => Box::pin(self.write_atomic(cdb, data_out)).await,
             op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => self.verify(cdb, data_out).await,
             op::SYNC_CACHE_10 | op::SYNC_CACHE_16 => self.sync_cache(cdb).await,
             op::PREFETCH_10 | op::PREFETCH_16 => {
@@ -456,9 +458,9 @@ impl LogicalUnit {
                 Ok(Response::status(Status::ConditionMet))
             }
             op::UNMAP => self.unmap(cdb, &data_out).await,
-            op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(cdb, data_out).await,
+            op::WRITE_SAME_10 | op::WRITE_SAME_16 => Box::pin(self.write_same(cdb, data_out)).await,
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out).await,
-            op::ORWRITE_16 => self.orwrite(cdb, data_out).await,
+            op::ORWRITE_16 => Box::pin(self.orwrite(cdb, data_out)).await,
             op::START_STOP_UNIT => {
                 if byte(cdb, 4) & 0xf0 != 0 && byte(cdb, 4) >> 4 > 0x0b {
                     return Err(Sense::INVALID_FIELD_IN_CDB.with_field(true, 4, Some(4)));
@@ -497,7 +499,9 @@ impl LogicalUnit {
             }
             op::PR_IN => crate::pr::pr_in(self, cdb),
             op::PR_OUT => crate::pr::pr_out(self, nexus, cdb, &data_out),
-            op::EXTENDED_COPY => xcopy::extended_copy(self, nexus, resolver, cdb, &data_out).await,
+            op::EXTENDED_COPY => {
+                Box::pin(xcopy::extended_copy(self, nexus, resolver, cdb, &data_out)).await
+            }
             op::RECEIVE_COPY_RESULTS => xcopy::receive_copy_results(self, nexus, cdb),
             _ => Err(Sense::INVALID_OPCODE.with_field(true, 0, None)),
         }

@@ -230,6 +230,9 @@ fn mode_pages(lu: &LogicalUnit) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
     control[2] = if st.d_sense { 0x04 } else { 0 };
     control[3] = 0x10; // queue algorithm modifier 1: unrestricted reordering
     control[4] = if st.swp { 0x08 } else { 0 };
+    // TAS: a task aborted by another I_T nexus's task management (LOGICAL UNIT
+    // RESET, CLEAR TASK SET) ends with TASK ABORTED status (the transport does it).
+    control[5] = 0x40;
     control[8..10].copy_from_slice(&0xffffu16.to_be_bytes()); // busy timeout
     let mut control_mask = vec![0u8; 12];
     control_mask[2] = 0x04;
