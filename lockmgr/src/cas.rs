@@ -42,6 +42,15 @@ const FUA: WriteFlags = WriteFlags { fua: true };
 /// Pause between retries of a failed request.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
+/// How long a one-shot step (claim, bind, acquire, release, value-block write, takeover
+/// step, leave) may retry: long enough for one retry after a request that timed out.
+/// A CAW whose answer is lost or late was often applied; only a retry, which then
+/// miscompares against our own image, can tell (and it must: an acquisition that gives
+/// up there leaves its holder entry on disk while the host believes it failed).
+pub(crate) fn step_window(io_timeout: Duration) -> Duration {
+    io_timeout * 2 + RETRY_PAUSE * 2
+}
+
 /// Reads `len` bytes at `offset` with a timeout.
 pub(crate) async fn read(
     dev: &dyn BlockDev,

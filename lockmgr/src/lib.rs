@@ -58,6 +58,6 @@ pub use fence::{Fence, FencedDev};
 pub use format::{Header, Holder, LockMode, ResourceId, SlotState, PAYLOAD_LEN};
 pub use lockspace::{
     FormatOptions, HeldStatus, HolderInfo, HostState, JoinOptions, LockGuard, LockInfo, Lockspace,
-    LockspaceStatus, Presumed, Recovery, RecoveryInfo, SlotStatus, Timing, Tuning,
+    LockspaceStatus, Presumed, Recovery, RecoveryInfo, SlotStatus, TakeoverStatus, Timing, Tuning,
 };
 pub use metrics::{HistogramSnapshot, MetricsSnapshot};

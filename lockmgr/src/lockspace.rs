@@ -270,6 +270,28 @@ pub struct LockspaceStatus {
     pub slots: Vec<SlotStatus>,
     /// Locks held here.
     pub held: Vec<HeldStatus>,
+    /// The last takeovers this host made (at most 16, oldest first).
+    pub takeovers: Vec<TakeoverStatus>,
+}
+
+/// A takeover this host made, for status displays and for checking the dead-host
+/// timeout from this host's own clock.
+#[derive(Debug, Clone, Serialize)]
+pub struct TakeoverStatus {
+    /// The dead host's slot.
+    pub slot: u16,
+    /// The dead host's name.
+    pub hostname: String,
+    /// Generation of the image taken over.
+    pub dead_generation: u32,
+    /// Heartbeat counter of the image taken over (the dead host's last renewal that
+    /// landed).
+    pub dead_counter: u64,
+    /// How long this host had seen that image unchanged when it decided (at least the
+    /// dead-host timeout).
+    pub unchanged_for: Duration,
+    /// How long ago it decided.
+    pub decided_ago: Duration,
 }
 
 /// A holder in [`LockInfo`].
@@ -312,6 +334,26 @@ struct Obs {
     taking_over: bool,
 }
 
+/// A slot this host decided to take over: when it first saw the image, and when it
+/// decided (both on this host's clock).
+#[derive(Clone)]
+struct Dead {
+    slot: u16,
+    image: Bytes,
+    seen: Duration,
+    decided: Duration,
+}
+
+/// A takeover this host made (see [`TakeoverStatus`]).
+struct TakeoverRecord {
+    slot: u16,
+    hostname: String,
+    dead_generation: u32,
+    dead_counter: u64,
+    seen: Duration,
+    decided: Duration,
+}
+
 /// A slot this host took over and is recovering.
 struct Recovering {
     image: tokio::sync::Mutex<Bytes>,
@@ -348,9 +390,13 @@ pub(crate) struct Inner {
     slot: u16,
     generation: u32,
     own: tokio::sync::Mutex<Own>,
+    /// A copy of `own.image` for status reports, which must not wait for (or miss the
+    /// image during) a renewal in flight.
+    own_view: Mutex<Bytes>,
     cell: Arc<LeaseCell>,
     obs: Mutex<Vec<Obs>>,
     recovering: Mutex<HashMap<u16, Arc<Recovering>>>,
+    takeovers: Mutex<std::collections::VecDeque<TakeoverRecord>>,
     held: Mutex<HashMap<ResourceId, Held>>,
     bindings: Mutex<HashMap<ResourceId, u32>>,
     cached: Mutex<HashMap<u32, Bytes>>,
@@ -362,6 +408,7 @@ pub(crate) struct Inner {
 pub struct Lockspace {
     inner: Arc<Inner>,
     task: tokio::task::JoinHandle<()>,
+    watchdog: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Lockspace {
@@ -369,6 +416,7 @@ impl Drop for Lockspace {
         // Dropping without `leave` stops heartbeating: the slot goes stale and is taken
         // over after the dead-host timeout, as if the host had crashed.
         self.task.abort();
+        self.watchdog.abort();
         self.inner.cell.revoke();
     }
 }
@@ -590,7 +638,7 @@ impl Lockspace {
                 Bytes::copy_from_slice(img),
                 new_img.clone(),
                 io_timeout,
-                t0 + io_timeout,
+                t0 + cas::step_window(io_timeout),
                 &mut trips,
             )
             .await?
@@ -627,7 +675,7 @@ impl Lockspace {
                         image.clone(),
                         Bytes::from(free.encode(sector)),
                         io_timeout,
-                        clock.now() + io_timeout,
+                        clock.now() + cas::step_window(io_timeout),
                         &mut trips,
                     )
                     .await;
@@ -661,12 +709,14 @@ impl Lockspace {
             opts,
             slot,
             generation,
+            own_view: Mutex::new(image.clone()),
             own: tokio::sync::Mutex::new(Own {
                 image,
                 pending_since: None,
             }),
             obs: Mutex::new(obs),
             recovering: Mutex::new(HashMap::new()),
+            takeovers: Mutex::new(std::collections::VecDeque::new()),
             held: Mutex::new(HashMap::new()),
             bindings: Mutex::new(HashMap::new()),
             cached: Mutex::new(HashMap::new()),
@@ -674,7 +724,12 @@ impl Lockspace {
             metrics,
         });
         let task = tokio::spawn(heartbeat_loop(inner.clone(), t0));
-        Ok(Lockspace { inner, task })
+        let watchdog = tokio::spawn(lease_watchdog(inner.clone()));
+        Ok(Lockspace {
+            inner,
+            task,
+            watchdog,
+        })
     }
 
     /// This host's slot.
@@ -770,7 +825,7 @@ impl Lockspace {
                 self.inner.slot_offset(self.inner.slot),
                 own.image.clone(),
                 Bytes::from(free.encode(self.inner.sector)),
-                now + self.inner.io_timeout,
+                now + cas::step_window(self.inner.io_timeout),
                 &mut Trips::default(),
             )
             .await?
@@ -783,7 +838,9 @@ impl Lockspace {
             }
         }
         own.image = Bytes::new();
+        *lock(&self.inner.own_view) = Bytes::new();
         self.task.abort();
+        self.watchdog.abort();
         self.inner.cell.revoke();
         self.inner.state.send_replace(HostState::Left);
         Ok(())
@@ -922,7 +979,7 @@ impl LockGuard {
             rec.payload = [0; PAYLOAD_LEN];
             rec.payload[..data.len()].copy_from_slice(data);
             let new = Bytes::from(rec.encode(self.inner.sector));
-            let deadline = self.inner.clock.now() + self.inner.io_timeout;
+            let deadline = self.inner.clock.now() + cas::step_window(self.inner.io_timeout);
             match self
                 .inner
                 .cas(
@@ -1108,7 +1165,7 @@ impl Inner {
                     None => {
                         self.check_live()?;
                         let new = Bytes::from(LockRecord::bound(idx, res).encode(self.sector));
-                        let deadline = self.clock.now() + self.io_timeout;
+                        let deadline = self.clock.now() + cas::step_window(self.io_timeout);
                         match self
                             .cas(self.record_offset(idx), img, new.clone(), deadline, trips)
                             .await?
@@ -1192,7 +1249,7 @@ impl Inner {
                 new.epoch = rec.epoch.wrapping_add(1);
                 let new_img = Bytes::from(new.encode(self.sector));
                 self.check_live()?;
-                let deadline = self.clock.now() + self.io_timeout;
+                let deadline = self.clock.now() + cas::step_window(self.io_timeout);
                 match self
                     .cas(
                         self.record_offset(idx),
@@ -1281,7 +1338,7 @@ impl Inner {
             }
             let new = Bytes::from(rec.encode(self.sector));
             self.check_live()?;
-            let deadline = self.clock.now() + self.io_timeout;
+            let deadline = self.clock.now() + cas::step_window(self.io_timeout);
             match self
                 .cas(
                     self.record_offset(held.index),
@@ -1358,7 +1415,7 @@ impl Inner {
                         new.mode = None;
                     }
                     fence.check_for(self.io_timeout)?;
-                    let deadline = self.clock.now() + self.io_timeout;
+                    let deadline = self.clock.now() + cas::step_window(self.io_timeout);
                     match self
                         .cas(
                             self.record_offset(idx),
@@ -1407,7 +1464,8 @@ impl Inner {
             .await;
         match r {
             Ok(Cas::Applied) => {
-                own.image = new;
+                own.image = new.clone();
+                *lock(&self.own_view) = new;
                 own.pending_since = None;
                 self.cell.extend(t0 + self.timing.lease);
                 self.metrics.heartbeats.inc();
@@ -1458,7 +1516,7 @@ impl Inner {
 
     /// Reads the heartbeat region and updates the observations; returns slots to take
     /// over (unchanged for the dead-host timeout since their first sighting).
-    async fn scan(&self) -> Result<Vec<(u16, Bytes)>, LockError> {
+    async fn scan(&self) -> Result<Vec<Dead>, LockError> {
         let region = self.read_slots(&mut Trips::default()).await?;
         // Completion time: the write of any image seen here happened before it.
         let now = self.clock.now();
@@ -1505,7 +1563,12 @@ impl Inner {
                     && now.saturating_sub(o.first_seen) >= self.timing.dead_after
                 {
                     o.taking_over = true;
-                    dead.push((slot, o.image.clone()));
+                    dead.push(Dead {
+                        slot,
+                        image: o.image.clone(),
+                        seen: o.first_seen,
+                        decided: now,
+                    });
                 }
             }
         }
@@ -1517,13 +1580,14 @@ impl Inner {
 
     /// Takes a dead host's slot over, transfers its locks to the new generation,
     /// recovers, breaks the locks and frees the slot. DESIGN.md, "Takeover".
-    async fn take_over(self: Arc<Self>, slot: u16, dead_img: Bytes) {
+    async fn take_over(self: Arc<Self>, d: Dead) {
+        let slot = d.slot;
         let done = |inner: &Inner| {
             if let Some(o) = lock(&inner.obs).get_mut(usize::from(slot)) {
                 o.taking_over = false;
             }
         };
-        let r = self.clone().take_over_inner(slot, dead_img).await;
+        let r = self.clone().take_over_inner(d).await;
         if let Err(e) = &r {
             tracing::warn!(slot, %e, "takeover of a dead host's slot did not complete");
         }
@@ -1531,7 +1595,9 @@ impl Inner {
         done(&self);
     }
 
-    async fn take_over_inner(self: Arc<Self>, slot: u16, dead_img: Bytes) -> Result<(), LockError> {
+    async fn take_over_inner(self: Arc<Self>, d: Dead) -> Result<(), LockError> {
+        let slot = d.slot;
+        let dead_img = d.image.clone();
         let dead = Slot::decode(&dead_img, self.sector, u32::from(slot)).map_err(|source| {
             LockError::Corrupt {
                 index: u32::from(slot),
@@ -1563,7 +1629,7 @@ impl Inner {
                 self.slot_offset(slot),
                 dead_img,
                 new_img.clone(),
-                t0 + self.io_timeout,
+                t0 + cas::step_window(self.io_timeout),
                 &mut Trips::default(),
             )
             .await?
@@ -1578,6 +1644,20 @@ impl Inner {
         });
         lock(&self.recovering).insert(slot, rec.clone());
         self.metrics.takeovers.inc();
+        {
+            let mut t = lock(&self.takeovers);
+            if t.len() >= 16 {
+                t.pop_front();
+            }
+            t.push_back(TakeoverRecord {
+                slot,
+                hostname: dead.hostname.clone(),
+                dead_generation: dead.generation,
+                dead_counter: dead.counter,
+                seen: d.seen,
+                decided: d.decided,
+            });
+        }
         tracing::warn!(slot, dead_generation = dead.generation, host = %dead.hostname, "took over a dead host's slot");
         let fence = Fence {
             cells: vec![self.cell.clone(), rec.cell.clone()],
@@ -1632,7 +1712,7 @@ impl Inner {
                 self.slot_offset(slot),
                 img.clone(),
                 free_img.clone(),
-                self.clock.now() + self.io_timeout,
+                self.clock.now() + cas::step_window(self.io_timeout),
                 &mut Trips::default(),
             )
             .await?
@@ -1652,7 +1732,7 @@ impl Inner {
 
     fn status(&self) -> LockspaceStatus {
         let now = self.clock.now();
-        let own_img = self.own.try_lock().map(|o| o.image.clone()).ok();
+        let own_img = Some(lock(&self.own_view).clone()).filter(|b| !b.is_empty());
         let recovering: Vec<u16> = lock(&self.recovering).keys().copied().collect();
         let obs = lock(&self.obs);
         let slots = obs
@@ -1707,6 +1787,17 @@ impl Inner {
             lease_remaining: self.cell.remaining(now).unwrap_or_default(),
             slots,
             held,
+            takeovers: lock(&self.takeovers)
+                .iter()
+                .map(|t| TakeoverStatus {
+                    slot: t.slot,
+                    hostname: t.hostname.clone(),
+                    dead_generation: t.dead_generation,
+                    dead_counter: t.dead_counter,
+                    unchanged_for: t.decided.saturating_sub(t.seen),
+                    decided_ago: now.saturating_sub(t.decided),
+                })
+                .collect(),
         }
     }
 
@@ -1793,8 +1884,8 @@ async fn heartbeat_loop(inner: Arc<Inner>, last_issue: Duration) {
         if inner.clock.now() >= next_scan {
             match inner.scan().await {
                 Ok(dead) => {
-                    for (slot, img) in dead {
-                        tokio::spawn(inner.clone().take_over(slot, img));
+                    for d in dead {
+                        tokio::spawn(inner.clone().take_over(d));
                     }
                 }
                 Err(e) => tracing::debug!(%e, "heartbeat scan failed"),
@@ -1804,5 +1895,26 @@ async fn heartbeat_loop(inner: Arc<Inner>, last_issue: Duration) {
         let now = inner.clock.now();
         let wake = next_renew.min(next_scan).min(inner.cell.expiry());
         tokio::time::sleep(wake.saturating_sub(now).max(Duration::from_millis(1))).await;
+    }
+}
+
+/// Declares the host lost the moment its lease ends, whatever the heartbeat task is
+/// doing: that task may be inside a renewal or a scan that waits up to a request
+/// timeout (or two, with a retry) for a device that no longer answers, and the `lost`
+/// notification must not wait for it. (Fences do not depend on this: every check
+/// compares the clock with the lease expiry itself.)
+async fn lease_watchdog(inner: Arc<Inner>) {
+    loop {
+        if matches!(*inner.state.borrow(), HostState::Lost(_) | HostState::Left) {
+            return;
+        }
+        let now = inner.clock.now();
+        let expiry = inner.cell.expiry();
+        if now >= expiry {
+            inner.go_lost(LostReason::LeaseExpired);
+            return;
+        }
+        // The expiry only moves forward: sleep until the current one, then look again.
+        tokio::time::sleep(expiry - now).await;
     }
 }

@@ -10,6 +10,8 @@
 //! - [`HostLink::lose_next_ack`]: the next compare-and-write is applied by the device
 //!   but reported as timed out (the answer was lost), so the host's retry miscompares
 //!   against its own image.
+//! - [`HostLink::delay_next_ack`]: the next compare-and-write is applied, but its
+//!   answer arrives only after a delay (longer than the request timeout, it times out).
 //! - [`HostLink::set_latency`]: a delay before every request.
 //!
 //! Device-wide faults (torn writes, crashes) come from wrapping the shared device in
@@ -42,6 +44,7 @@ struct LinkState {
     paused: watch::Sender<bool>,
     cut: AtomicBool,
     lose_acks: AtomicU64,
+    late_ack: Mutex<Option<Duration>>,
     latency: Mutex<Duration>,
     issued: AtomicU64,
 }
@@ -55,6 +58,7 @@ impl HostLink {
                 paused: watch::channel(false).0,
                 cut: AtomicBool::new(false),
                 lose_acks: AtomicU64::new(0),
+                late_ack: Mutex::new(None),
                 latency: Mutex::new(Duration::ZERO),
                 issued: AtomicU64::new(0),
             }),
@@ -79,6 +83,15 @@ impl HostLink {
     /// The next `n` compare-and-writes are applied but reported as timed out.
     pub fn lose_next_ack(&self, n: u64) {
         self.st.lose_acks.store(n, Ordering::SeqCst);
+    }
+
+    /// The next compare-and-write is applied, but its answer comes back `d` later.
+    pub fn delay_next_ack(&self, d: Duration) {
+        *self
+            .st
+            .late_ack
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(d);
     }
 
     /// Delay before every request.
@@ -184,6 +197,14 @@ impl BlockDev for HostLink {
         let st = self.st.clone();
         self.run("compare_and_write", move |d| async move {
             let r = d.compare_and_write(offset, compare, data, flags).await;
+            let late = st
+                .late_ack
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(late) = late {
+                tokio::time::sleep(late).await;
+            }
             let lose = st
                 .lose_acks
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

@@ -399,6 +399,22 @@ async fn timed_out_caw_that_applied_is_recognised() {
     assert_eq!(b.ls.metrics().takeovers_total, 0);
     ga.write_payload(b"ok").await.unwrap();
     ga.unlock().await.unwrap();
+    // An answer that arrives after the request timeout (1.5 s) rather than an error:
+    // acquisitions and releases retry too (they used to give up after one timeout,
+    // leaving a granted entry the host did not know about).
+    let n = a.ls.metrics().own_image_recognized_total;
+    a.link.delay_next_ack(Duration::from_secs(2));
+    let ga = a.ls.lock(res("vm2"), LockMode::Exclusive).await.unwrap();
+    a.link.delay_next_ack(Duration::from_secs(2));
+    ga.write_payload(b"late").await.unwrap();
+    a.link.delay_next_ack(Duration::from_secs(2));
+    ga.unlock().await.unwrap();
+    assert_eq!(a.ls.metrics().own_image_recognized_total, n + 3);
+    let gb =
+        b.ls.try_lock(res("vm2"), LockMode::Exclusive)
+            .await
+            .unwrap();
+    assert_eq!(gb.read_payload().await.unwrap()[..4], *b"late");
 }
 
 /// Issue 7, item 6: torn writes of lock sectors are caught by the checksum. A torn

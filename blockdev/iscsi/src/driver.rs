@@ -8,7 +8,8 @@
 //! `SCSI_STATUS_CANCELLED`, which completes those requests with an `Offline` error that
 //! says the connection was lost. The thread reconnects with a new context (libiscsi's
 //! own auto-reconnect is off: it would replay commands silently); until it succeeds,
-//! every new request fails at once with `Offline("... reconnecting ...")`.
+//! every new request fails at once with `Offline("... reconnecting ...")`. A request
+//! whose caller stopped waiting before the thread picked it up is dropped unsent.
 
 use crate::ffi;
 use crate::sense::{self, Sense};
@@ -407,6 +408,11 @@ pub(crate) fn run(
     loop {
         loop {
             match rx.try_recv() {
+                // A request whose caller has given up (timed out, future dropped) is
+                // not sent: it may have waited here while the thread was reconnecting,
+                // and a write must not land long after its issuer stopped waiting for
+                // it (the lock manager's fencing margin counts on that).
+                Ok(req) if req.tx.is_closed() => {}
                 Ok(req) => match &conn {
                     Some(c) => {
                         next_id += 1;

@@ -1,8 +1,9 @@
 //! The iSCSI initiator against a real target: Debian's tgt (userspace, no kernel
 //! module), started by the test on a private port and control port. tgt 1.0.85 has no
 //! COMPARE AND WRITE, so this checks CAW's error path (ILLEGAL REQUEST ->
-//! `Unsupported`); the success path (MISCOMPARE sense with the INFORMATION offset) is
-//! tested once Basalt's own target exists.
+//! `Unsupported`); the success and MISCOMPARE paths (offset from the sense INFORMATION
+//! field) and cross-session atomicity are tested against Basalt's own target in
+//! `basalt_target.rs`.
 //!
 //! Needs root and `tgtd` (`deploy/install-deps.sh test` installs it); without them the
 //! tests fail with that hint rather than pass unrun.
