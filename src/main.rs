@@ -56,10 +56,37 @@ enum Command {
     /// Manage virtual switches.
     #[command(subcommand)]
     Switch(cli::switch::SwitchCommand),
+    /// Show cluster locks and who holds them.
+    #[command(subcommand)]
+    Lock(cli::lock::LockCommand),
+    /// Cluster lockspaces: hosts, slots, format.
+    #[command(subcommand)]
+    Lockspace(cli::lock::LockspaceCommand),
+    /// Manage VMs: define, start, stop, watch the console.
+    #[command(subcommand)]
+    Vm(cli::vm::VmCommand),
+    /// Run one VM (one process per VM; the daemon starts it as `basalt vmm --vm-dir
+    /// DIR ...`; see basalt_compute::launch).
+    #[command(hide = true)]
+    Vmm {
+        /// The VMM's own arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
+    // `basalt vmm ...` (one process per VM) is started by the daemon's supervisor with
+    // the VMM's own arguments right after `vmm`; it sets up its own runtime and signal
+    // handling, so it runs before clap, logging and tokio.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == "vmm") {
+        std::process::exit(basalt_compute::launch::vmm_main(args));
+    }
     let cli = Cli::parse();
+    if let Command::Vmm { args } = cli.command {
+        std::process::exit(basalt_compute::launch::vmm_main(args));
+    }
     let serving = matches!(cli.command, Command::Serve { .. });
     init_logging(serving);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -101,8 +128,11 @@ async fn run(cli: Cli) -> Result<()> {
         cli.client.ca_cert.as_deref(),
     )?;
     match cli.command {
-        Command::Serve { .. } => Ok(()),
+        Command::Serve { .. } | Command::Vmm { .. } => Ok(()),
+        Command::Vm(cmd) => cli::vm::run(&client, &cli.client, cmd).await,
         Command::Status => cli::status(&client, &cli.client).await,
+        Command::Lock(cmd) => cli::lock::lock(&client, &cli.client, cmd).await,
+        Command::Lockspace(cmd) => cli::lock::lockspace(&client, &cli.client, cmd).await,
         Command::Disk(cmd) => cli::disk(&client, &cli.client, cmd).await,
         Command::Config(cmd) => cli::config(&client, &cli.client, cmd).await,
         Command::Switch(cmd) => cli::switch::run(&client, &cli.client, cmd).await,

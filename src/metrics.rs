@@ -33,6 +33,10 @@ pub struct Inputs {
     pub nbd: Option<basalt_nbd::NbdMetrics>,
     /// The iSCSI target, when it runs.
     pub iscsi: Option<basalt_iscsi::MetricsSnapshot>,
+    /// Cluster lockspaces.
+    pub lockspaces: Vec<crate::daemon::lockspaces::LockspaceMetrics>,
+    /// VMs.
+    pub vms: Vec<crate::daemon::vms::VmMetrics>,
 }
 
 /// The daemon's metrics.
@@ -112,6 +116,11 @@ impl Metrics {
         if let Some(iscsi) = &input.iscsi {
             families.extend(iscsi_families(iscsi));
         }
+        families.extend(lockspace_families(&input.lockspaces));
+        families.extend(vm_families(&input.vms));
+        // The encoder stops at a family without samples (an iSCSI target without
+        // errors, a lockspace never joined), dropping every family after it.
+        families.retain(|f| !f.get_metric().is_empty());
         let mut out = Vec::new();
         if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
@@ -124,6 +133,64 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// VM states, each a series of `basalt_vm_state`.
+const VM_STATES: [(basalt_compute::store::VmState, &str); 6] = {
+    use basalt_compute::store::VmState as S;
+    [
+        (S::Stopped, "stopped"),
+        (S::Starting, "starting"),
+        (S::Running, "running"),
+        (S::Stopping, "stopping"),
+        (S::Crashed, "crashed"),
+        (S::Failed, "failed"),
+    ]
+};
+
+fn vm_families(vms: &[crate::daemon::vms::VmMetrics]) -> Vec<MetricFamily> {
+    if vms.is_empty() {
+        return Vec::new();
+    }
+    let info = vms
+        .iter()
+        .map(|v| gauge(&[("vm", &v.name), ("runner", &v.runner)], 1.0))
+        .collect();
+    let states = vms
+        .iter()
+        .flat_map(|v| {
+            VM_STATES.iter().map(|(st, name)| {
+                gauge(
+                    &[("vm", &v.name), ("state", name)],
+                    if v.state == *st { 1.0 } else { 0.0 },
+                )
+            })
+        })
+        .collect();
+    let restarts = vms
+        .iter()
+        .map(|v| counter(&[("vm", &v.name)], v.restarts_total as f64))
+        .collect();
+    vec![
+        family(
+            "basalt_vm_info",
+            "A metric with a constant '1' value labeled by VM and the runner it uses.",
+            MetricType::GAUGE,
+            info,
+        ),
+        family(
+            "basalt_vm_state",
+            "VM state (1 for the current one).",
+            MetricType::GAUGE,
+            states,
+        ),
+        family(
+            "basalt_vm_restarts_total",
+            "Restarts of the VM after crashes, since the daemon started.",
+            MetricType::COUNTER,
+            restarts,
+        ),
+    ]
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
@@ -870,6 +937,205 @@ fn iscsi_families(m: &basalt_iscsi::MetricsSnapshot) -> Vec<MetricFamily> {
         MetricType::HISTOGRAM,
         latency,
     ));
+    f
+}
+
+fn lockspace_families(ls: &[crate::daemon::lockspaces::LockspaceMetrics]) -> Vec<MetricFamily> {
+    use crate::daemon::lockspaces::{SLOT_STATES, STATES};
+    if ls.is_empty() {
+        return Vec::new();
+    }
+    let name =
+        |l: &crate::daemon::lockspaces::LockspaceMetrics| vec![("lockspace", l.name.clone())];
+    let mut f = vec![
+        rows(
+            "basalt_lockspace_info",
+            "A metric with a constant '1' value labeled by lockspace, device, lockspace id and this host's name in it.",
+            MetricType::GAUGE,
+            ls.iter()
+                .map(|l| {
+                    (
+                        vec![
+                            ("lockspace", l.name.clone()),
+                            ("device", l.device.clone()),
+                            ("lockspace_id", l.lockspace_id.clone()),
+                            ("host", l.host_name.clone()),
+                        ],
+                        1.0,
+                    )
+                })
+                .collect(),
+        ),
+        rows(
+            "basalt_lockspace_up",
+            "Whether this host holds a live lease in the lockspace (1) or not (0).",
+            MetricType::GAUGE,
+            ls.iter()
+                .map(|l| (name(l), f64::from(u8::from(l.state == "live"))))
+                .collect(),
+        ),
+        rows(
+            "basalt_lockspace_state",
+            "This host's state in the lockspace: 1 for the current state.",
+            MetricType::GAUGE,
+            ls.iter()
+                .flat_map(|l| {
+                    STATES.iter().map(move |s| {
+                        (
+                            vec![("lockspace", l.name.clone()), ("state", s.to_string())],
+                            f64::from(u8::from(l.state == *s)),
+                        )
+                    })
+                })
+                .collect(),
+        ),
+        rows(
+            "basalt_lockspace_hosts",
+            "Heartbeat slots by state as this host sees them (live, dead, recovering, free, corrupt).",
+            MetricType::GAUGE,
+            ls.iter()
+                .flat_map(|l| {
+                    SLOT_STATES.iter().map(move |s| {
+                        (
+                            vec![("lockspace", l.name.clone()), ("state", s.to_string())],
+                            l.hosts.get(s).copied().unwrap_or(0) as f64,
+                        )
+                    })
+                })
+                .collect(),
+        ),
+        rows(
+            "basalt_lockspace_locks_held",
+            "Locks this host holds in the lockspace.",
+            MetricType::GAUGE,
+            ls.iter().map(|l| (name(l), l.locks_held as f64)).collect(),
+        ),
+        rows(
+            "basalt_lockspace_lease_remaining_seconds",
+            "Time left on this host's lease; zero when lost or not joined.",
+            MetricType::GAUGE,
+            ls.iter()
+                .map(|l| (name(l), l.lease_remaining_seconds))
+                .collect(),
+        ),
+        rows(
+            "basalt_lockspace_lost_total",
+            "Times this host lost its lease (fenced itself) since the daemon started.",
+            MetricType::COUNTER,
+            ls.iter().map(|l| (name(l), l.lost_total as f64)).collect(),
+        ),
+    ];
+    type Field = fn(&basalt_lockmgr::MetricsSnapshot) -> u64;
+    let counters: [(&str, &str, Field); 12] = [
+        (
+            "basalt_lockspace_heartbeats_total",
+            "Heartbeat renewals that succeeded.",
+            |m| m.heartbeats_total,
+        ),
+        (
+            "basalt_lockspace_heartbeat_failures_total",
+            "Heartbeat renewal attempts that failed (I/O error or timeout).",
+            |m| m.heartbeat_failures_total,
+        ),
+        (
+            "basalt_lockspace_lock_acquires_total",
+            "Locks granted to this host.",
+            |m| m.acquires_total,
+        ),
+        (
+            "basalt_lockspace_lock_contended_total",
+            "Lock requests that met a conflicting holder.",
+            |m| m.contended_total,
+        ),
+        (
+            "basalt_lockspace_lock_releases_total",
+            "Locks released by this host.",
+            |m| m.releases_total,
+        ),
+        (
+            "basalt_lockspace_breaks_total",
+            "Lock entries of dead hosts broken after their recovery.",
+            |m| m.breaks_total,
+        ),
+        (
+            "basalt_lockspace_takeovers_total",
+            "Slots of dead hosts taken over by this host.",
+            |m| m.takeovers_total,
+        ),
+        (
+            "basalt_lockspace_recoveries_total",
+            "Recoveries of dead hosts completed.",
+            |m| m.recoveries_total,
+        ),
+        (
+            "basalt_lockspace_recovery_failures_total",
+            "Recoveries abandoned (callback error or lost lease).",
+            |m| m.recoveries_failed_total,
+        ),
+        (
+            "basalt_lockspace_fencing_events_total",
+            "Times this host fenced itself (lost its lease or its slot).",
+            |m| m.fencing_events_total,
+        ),
+        (
+            "basalt_lockspace_fenced_writes_refused_total",
+            "Protected writes refused because the lease or the lock was gone.",
+            |m| m.fenced_writes_refused_total,
+        ),
+        (
+            "basalt_lockspace_checksum_errors_total",
+            "Lock-manager sectors that failed their checksum.",
+            |m| m.checksum_errors_total,
+        ),
+    ];
+    let joined: Vec<_> = ls
+        .iter()
+        .filter_map(|l| l.snapshot.as_ref().map(|s| (l, s)))
+        .collect();
+    for (metric, help, field) in counters {
+        f.push(rows(
+            metric,
+            help,
+            MetricType::COUNTER,
+            joined
+                .iter()
+                .map(|(l, s)| (name(l), field(s) as f64))
+                .collect(),
+        ));
+    }
+    for (metric, help, hist) in [
+        (
+            "basalt_lockspace_heartbeat_duration_seconds",
+            "Latency of successful heartbeat renewals.",
+            (|m| &m.heartbeat_latency_seconds)
+                as fn(&basalt_lockmgr::MetricsSnapshot) -> &basalt_lockmgr::HistogramSnapshot,
+        ),
+        (
+            "basalt_lockspace_lock_acquire_duration_seconds",
+            "Time from a lock request to its grant, waiting included.",
+            |m| &m.acquire_latency_seconds,
+        ),
+    ] {
+        f.push(family(
+            metric,
+            help,
+            MetricType::HISTOGRAM,
+            joined
+                .iter()
+                .map(|(l, s)| {
+                    let h = hist(s);
+                    histogram_from(
+                        &[("lockspace", &l.name)],
+                        &h.bounds_seconds,
+                        &h.counts,
+                        h.sum_seconds,
+                    )
+                })
+                .collect(),
+        ));
+    }
+    // The encoder refuses a family without samples (lockspaces never joined).
+    f.retain(|x| !x.get_metric().is_empty());
     f
 }
 

@@ -741,6 +741,12 @@ impl PoolInner {
 
     fn fail(&self, why: String) {
         tracing::error!(pool = %self.name, "pool failed, re-import needed: {why}");
+        self.take_offline(why);
+    }
+
+    /// Every handle fails from now on with `why` (the first reason is kept). Also the
+    /// normal end of an export, which is not an error worth logging as one.
+    fn take_offline(&self, why: String) {
         let mut f = self.failed.lock();
         if f.is_none() {
             *f = Some(why);
@@ -1714,7 +1720,8 @@ impl Pool {
             }
         }
         p.closed.store(true, Ordering::Release);
-        p.fail("exported".into());
+        tracing::info!(pool = %p.name, "pool exported");
+        p.take_offline("exported".into());
         Ok(())
     }
 

@@ -3,10 +3,12 @@
 //! token so that load balancers and Prometheus can reach them.
 
 pub mod error;
+pub mod locks;
 pub mod storage;
 pub mod switches;
 pub mod targets;
 pub mod types;
+pub mod vms;
 
 use crate::daemon::appliance::Appliance;
 use crate::daemon::security::token_matches;
@@ -33,6 +35,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// The admin token.
     pub token: Arc<String>,
+    /// VMs.
+    pub vms: Arc<crate::daemon::vms::Vms>,
 }
 
 #[derive(OpenApi)]
@@ -50,7 +54,11 @@ pub struct ApiState {
         storage::spare_disk, targets::nbd_show, targets::nbd_settings, targets::nbd_export,
         targets::nbd_unexport, targets::iscsi_show, targets::iscsi_create, targets::iscsi_delete,
         targets::iscsi_map, targets::iscsi_unmap, targets::iscsi_acl, targets::iscsi_acl_remove,
-        targets::iscsi_portal, targets::iscsi_portal_remove),
+        targets::iscsi_portal, targets::iscsi_portal_remove,
+        locks::list_lockspaces, locks::get_lockspace, locks::lockspace_locks, locks::list_locks,
+        locks::format_lockspace,
+        vms::list, vms::create, vms::show, vms::start, vms::stop, vms::kill, vms::remove,
+        vms::console),
     components(schemas(Status, DiskInfo, AddDisk, ApplyResult, ErrorBody,
         crate::daemon::switches::SwitchInfo, crate::daemon::storage::PoolInfo,
         crate::daemon::storage::LunInfo, storage::CreatePool, storage::ImportPools,
@@ -58,7 +66,11 @@ pub struct ApiState {
         storage::NewName, storage::ReplaceDisk, storage::SpareDisk, targets::NbdInfo,
         targets::NbdSettings, targets::NbdExport, targets::IscsiInfo,
         targets::CreateIscsiTarget, targets::MapLun, targets::AclRequest,
-        targets::PortalRequest)),
+        targets::PortalRequest,
+        crate::daemon::lockspaces::LockspaceInfo, crate::daemon::lockspaces::SlotInfo,
+        crate::daemon::lockspaces::HeldLock, crate::daemon::lockspaces::TakeoverInfo,
+        crate::daemon::lockspaces::LockEntry, crate::daemon::lockspaces::LockHolder,
+        crate::daemon::vms::VmInfo, crate::daemon::vms::ConsoleChunk)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -93,6 +105,8 @@ pub fn router(state: ApiState) -> Router {
         .merge(switches::routes())
         .merge(storage::routes())
         .merge(targets::routes())
+        .merge(locks::routes())
+        .merge(vms::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -164,6 +178,8 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         storage: state.appliance.storage().metrics(),
         nbd: targets.nbd_status().await.map(|(_, m)| m),
         iscsi: targets.iscsi_status().await.map(|(_, m)| m),
+        lockspaces: state.appliance.lockspaces().metrics(),
+        vms: state.vms.metrics().await,
     };
     let body = state.metrics.render(&inputs);
     (

@@ -2,9 +2,11 @@
 //! Tables for people by default, `--json` for scripts.
 
 pub mod client;
+pub mod lock;
 pub mod storage;
 pub mod switch;
 pub mod target;
+pub mod vm;
 
 use crate::api::types::{AddDisk, ApplyResult, DiskInfo, Status};
 use anyhow::{Context, Result};

@@ -6,6 +6,7 @@
 
 use super::disks::{check_kind, open_and_probe, DiskRuntime, DiskSet};
 use super::listeners::Listeners;
+use super::lockspaces::{header_mismatch, HostDefaults, Lockspaces};
 use super::sections::{ProvisioningSpec, Typed, DEFAULT_LUN_BLOCK_SIZE};
 use super::storage::{check_lun, inspect_disks, OnlineDisks, Storage};
 use super::switches::{check_on_this_host, Switches};
@@ -34,6 +35,7 @@ pub struct Appliance {
     switches: Switches,
     storage: Storage,
     targets: Targets,
+    lockspaces: Lockspaces,
     /// TLS for the NBD server (the appliance's certificate, without HTTP's ALPN).
     target_tls: Arc<rustls::ServerConfig>,
     started: Instant,
@@ -70,6 +72,7 @@ impl Appliance {
             switches: Switches::default(),
             storage: Storage::default(),
             targets: Targets::default(),
+            lockspaces: Lockspaces::default(),
             target_tls,
             started: Instant::now(),
             mutation: tokio::sync::Mutex::new(()),
@@ -89,6 +92,14 @@ impl Appliance {
                     tracing::error!(error = %e, "targets not started");
                 }
                 appliance.switches.reconcile(&typed.switches).await?;
+                // Joining may wait a dead-host timeout (a previous incarnation's slot):
+                // in the background, so that the API comes up meanwhile.
+                let a = appliance.clone();
+                tokio::spawn(async move {
+                    for w in a.reconcile_lockspaces(&typed).await {
+                        tracing::error!(problem = %w, "lockspace not joined");
+                    }
+                });
             }
             Err(errors) => {
                 for e in errors {
@@ -96,6 +107,25 @@ impl Appliance {
                 }
             }
         }
+        // Lost or unreachable lockspaces are rejoined, backing off from 5 s to
+        // 5 minutes while they keep failing.
+        let weak = Arc::downgrade(&appliance);
+        tokio::spawn(async move {
+            let mut pause = std::time::Duration::from_secs(5);
+            loop {
+                tokio::time::sleep(pause).await;
+                let Some(a) = weak.upgrade() else { return };
+                if !a.lockspaces.needs_retry() {
+                    pause = std::time::Duration::from_secs(5);
+                    continue;
+                }
+                let _guard = a.mutation.lock().await;
+                if let Ok(Ok(typed)) = a.desired().await.map(|d| Typed::parse(&d)) {
+                    a.reconcile_lockspaces(&typed).await;
+                }
+                pause = (pause * 2).min(std::time::Duration::from_secs(300));
+            }
+        });
         Ok(appliance)
     }
 
@@ -201,6 +231,89 @@ impl Appliance {
     /// The target servers.
     pub fn targets(&self) -> &Targets {
         &self.targets
+    }
+
+    /// The joined lockspaces.
+    pub fn lockspaces(&self) -> &Lockspaces {
+        &self.lockspaces
+    }
+
+    /// This host's default identity in lockspaces: the appliance's UUID and name.
+    async fn host_defaults(&self) -> Result<HostDefaults, ApiError> {
+        let store = self.store.clone();
+        let (name, id) =
+            blocking(move || Ok((store.appliance()?.name, store.appliance_id()?))).await?;
+        let id = super::sections::parse_host_id(&id).unwrap_or_else(|_| {
+            let mut b = [0u8; 16];
+            for (i, x) in id.bytes().enumerate() {
+                b[i % 16] ^= x.rotate_left((i / 16) as u32);
+            }
+            b
+        });
+        Ok(HostDefaults { id, name })
+    }
+
+    async fn reconcile_lockspaces(&self, typed: &Typed) -> Vec<String> {
+        match self.host_defaults().await {
+            Ok(host) => {
+                self.lockspaces
+                    .reconcile(&typed.lockspaces, &self.storage, &host)
+                    .await
+            }
+            Err(e) => vec![format!("lockspaces: {e}")],
+        }
+    }
+
+    /// `basalt lockspace format NAME`: an explicit, refused over an existing lockspace.
+    pub async fn format_lockspace(
+        &self,
+        name: &str,
+    ) -> Result<super::lockspaces::LockspaceInfo, ApiError> {
+        let _guard = self.mutation.lock().await;
+        self.lockspaces.format(name, &self.storage).await
+    }
+
+    /// Lockspace headers against their sections: timings and sizes must be the
+    /// header's. Checked where the header can be read now (joined, or on a LUN here);
+    /// a remote one not joined yet is checked when it is joined.
+    async fn check_lockspaces(
+        &self,
+        desired: &DesiredState,
+        typed: &Typed,
+        errors: &mut Vec<ConfigError>,
+    ) {
+        for spec in &typed.lockspaces {
+            let line = Typed::line_of(&desired.sections, "lockspace", Some(&spec.name));
+            let header = match self.lockspaces.joined_header(&spec.name) {
+                Some((device, h)) if device == spec.device => Some(h),
+                _ => match spec.device() {
+                    Ok(super::sections::LockDevice::Lun { lun, .. }) => {
+                        match self.storage.lun_dev(&lun) {
+                            Some((dev, _)) => {
+                                let dev: basalt_blockdev::SharedBlockDev = dev;
+                                tokio::time::timeout(
+                                    std::time::Duration::from_secs(5),
+                                    basalt_lockmgr::Lockspace::read_header(&dev, 0),
+                                )
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                            }
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                },
+            };
+            if let Some(h) = header {
+                for p in header_mismatch(spec, &h) {
+                    errors.push(ConfigError::on_line(
+                        line,
+                        format!("lockspace {:?}: {p}", spec.name),
+                    ));
+                }
+            }
+        }
     }
 
     /// Counters of every disk, for `/metrics`.
@@ -480,6 +593,7 @@ impl Appliance {
             .check_storage(&desired, &before, &typed, &opts, &mut errors)
             .await;
         check_targets(&desired, &typed, &self.storage, &mut errors);
+        self.check_lockspaces(&desired, &typed, &mut errors).await;
         let new_listeners = if plan.api_changed {
             match self.listeners.bind_new(&desired.api.listen).await {
                 Ok(bound) => bound,
@@ -555,6 +669,7 @@ impl Appliance {
         if let Err(e) = self.reconcile_targets(&typed).await {
             warnings.push(e.to_string());
         }
+        warnings.extend(self.reconcile_lockspaces(&typed).await);
         self.switches.reconcile(&typed.switches).await?;
         if plan.api_changed {
             self.listeners.replace(new_listeners, &desired.api.listen);
@@ -761,6 +876,7 @@ impl Appliance {
 
     /// Flushes every disk and the store; called once at shutdown.
     pub async fn shutdown(&self) {
+        self.lockspaces.leave_all().await;
         self.targets.stop_all().await;
         self.storage.stop_all().await;
         let devs: Vec<_> = self

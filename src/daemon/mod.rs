@@ -8,11 +8,13 @@
 pub mod appliance;
 pub mod disks;
 pub mod listeners;
+pub mod lockspaces;
 pub mod sections;
 pub mod security;
 pub mod storage;
 pub mod switches;
 pub mod targets;
+pub mod vms;
 
 use crate::api::{self, ApiState};
 use crate::metrics::Metrics;
@@ -90,8 +92,11 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
 
+    let vms = vms::Vms::start(&data_dir, appliance.clone()).await?;
+
     // The router first: applying --config may start listeners, which serve it.
     let state = ApiState {
+        vms: vms.clone(),
         appliance: appliance.clone(),
         metrics: Arc::new(Metrics::new()),
         token: Arc::new(token),
@@ -154,6 +159,7 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     tracing::info!("shutting down: no new requests; finishing those in flight");
     shutdown.cancel();
     listeners.drain().await;
+    vms.shutdown().await;
     appliance.shutdown().await;
     let _ = fs::remove_file(&socket);
     drop(lock);

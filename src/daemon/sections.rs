@@ -167,6 +167,168 @@ impl LunSpec {
     }
 }
 
+/// `[[lockspace]]`: a cluster lockspace (`basalt-lockmgr`) this host joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockspaceSpec {
+    /// Lockspace name on this appliance.
+    pub name: String,
+    /// Where it lives: `POOL/LUN` of this appliance, or `iscsi://host[:port]/iqn/lun`.
+    pub device: String,
+    /// This host's id in the lockspace: 32 hex digits (dashes allowed); default the
+    /// appliance's UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
+    /// This host's name in the lockspace (display only, at most 64 bytes); default the
+    /// appliance's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_name: Option<String>,
+    /// Heartbeat period, e.g. "3s"; must equal the lockspace header's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<String>,
+    /// Dead-host timeout, e.g. "9s" (at least three heartbeats); must equal the header's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_after: Option<String>,
+    /// Heartbeat slots when formatting (default 64); must equal the header's when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_hosts: Option<u32>,
+    /// Lock records when formatting (default 4096); must equal the header's when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_locks: Option<u32>,
+    /// iSCSI initiator name for an `iscsi://` device (default derived from the host id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initiator: Option<String>,
+    /// Format the device when it holds no lockspace and the range it would take reads
+    /// all zeroes (never over existing data). Default false: `basalt lockspace format`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub format: bool,
+}
+
+/// Where a lockspace lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockDevice {
+    /// A LUN of this appliance.
+    Lun {
+        /// Its pool.
+        pool: String,
+        /// The LUN.
+        lun: String,
+    },
+    /// A LUN of another host, through the iSCSI initiator.
+    Iscsi(String),
+}
+
+/// Default heartbeat period of a lockspace formatted here.
+pub const DEFAULT_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl LockspaceSpec {
+    /// The device, parsed.
+    pub fn device(&self) -> Result<LockDevice, String> {
+        if self.device.starts_with("iscsi://") {
+            basalt_blockdev_iscsi::IscsiUrl::parse(&self.device).map_err(|e| e.to_string())?;
+            return Ok(LockDevice::Iscsi(self.device.clone()));
+        }
+        match self.device.split_once('/') {
+            Some((pool, lun)) if !pool.is_empty() && !lun.is_empty() && !lun.contains('/') => {
+                Ok(LockDevice::Lun {
+                    pool: pool.to_string(),
+                    lun: lun.to_string(),
+                })
+            }
+            _ => Err(format!(
+                "device {:?} is neither POOL/LUN nor iscsi://host[:port]/iqn/lun",
+                self.device
+            )),
+        }
+    }
+
+    fn duration(what: &str, v: &Option<String>) -> Result<Option<std::time::Duration>, String> {
+        let Some(text) = v else { return Ok(None) };
+        let d = humantime::parse_duration(text)
+            .map_err(|e| format!("{what} {text:?}: {e} (e.g. \"3s\" or \"500ms\")"))?;
+        if d.is_zero() || d.as_millis() > u128::from(u32::MAX) || d.subsec_nanos() % 1_000_000 != 0
+        {
+            return Err(format!(
+                "{what} {text:?} must be a whole number of milliseconds, above zero"
+            ));
+        }
+        Ok(Some(d))
+    }
+
+    /// The declared heartbeat period, if any.
+    pub fn heartbeat(&self) -> Result<Option<std::time::Duration>, String> {
+        Self::duration("heartbeat", &self.heartbeat)
+    }
+
+    /// The declared dead-host timeout, if any.
+    pub fn dead_after(&self) -> Result<Option<std::time::Duration>, String> {
+        Self::duration("dead_after", &self.dead_after)
+    }
+
+    /// Timings for formatting: the declared ones, else 3 s and three heartbeats.
+    pub fn format_timings(&self) -> Result<(std::time::Duration, std::time::Duration), String> {
+        let hb = self.heartbeat()?.unwrap_or(DEFAULT_HEARTBEAT);
+        let dead = self.dead_after()?.unwrap_or(hb * 3);
+        Ok((hb, dead))
+    }
+
+    /// The declared host id, if any.
+    pub fn host_id(&self) -> Result<Option<[u8; 16]>, String> {
+        self.host_id.as_deref().map(parse_host_id).transpose()
+    }
+
+    /// Every problem of the section alone (not its cross-references).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if let Err(e) = self.device() {
+            p.push(e);
+        }
+        let hb = self.heartbeat().map_err(|e| p.push(e)).ok().flatten();
+        let dead = self.dead_after().map_err(|e| p.push(e)).ok().flatten();
+        if let (Some(hb), Some(dead)) = (hb, dead) {
+            if dead < hb * 3 {
+                p.push(format!(
+                    "dead_after {} must be at least three heartbeats ({})",
+                    humantime::format_duration(dead),
+                    humantime::format_duration(hb * 3)
+                ));
+            }
+        }
+        if let Err(e) = self.host_id() {
+            p.push(e);
+        }
+        if let Some(n) = &self.host_name {
+            if n.is_empty() || n.len() > 64 {
+                p.push(format!("host_name {n:?} must be 1 to 64 bytes"));
+            }
+        }
+        if self.max_hosts == Some(0) {
+            p.push("max_hosts must be at least 1".into());
+        }
+        if self.max_locks.is_some_and(|n| n == 0 || n > 1 << 20) {
+            p.push("max_locks must be 1 to 1048576".into());
+        }
+        if self.initiator.is_some() && !self.device.starts_with("iscsi://") {
+            p.push("initiator applies only to an iscsi:// device".into());
+        }
+        p
+    }
+}
+
+/// A host id: 32 hex digits, dashes ignored (a UUID).
+pub fn parse_host_id(text: &str) -> Result<[u8; 16], String> {
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    let bad = || format!("host id {text:?} is not 32 hex digits (a UUID)");
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(id)
+}
+
 /// The sections, typed.
 #[derive(Debug, Clone, Default)]
 pub struct Typed {
@@ -180,6 +342,8 @@ pub struct Typed {
     pub nbd: Option<NbdConfig>,
     /// The iSCSI target, when declared.
     pub iscsi: Option<IscsiConfig>,
+    /// Lockspaces, by name order.
+    pub lockspaces: Vec<LockspaceSpec>,
 }
 
 fn parse<T: DeserializeOwned>(kind: &str, section: &Section) -> Result<T, ConfigError> {
@@ -329,11 +493,43 @@ impl Typed {
                 Err(e) => errors.push(e),
             }
         }
+        let mut devices: BTreeMap<String, String> = BTreeMap::new();
         for s in &sections.lockspace {
-            errors.push(ConfigError::on_line(
-                s.line,
-                "[[lockspace]] sections are not supported by this build yet",
-            ));
+            let spec = match parse::<LockspaceSpec>("lockspace", s) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let err =
+                |m: String| ConfigError::on_line(s.line, format!("lockspace {:?}: {m}", spec.name));
+            for p in spec.problems() {
+                errors.push(err(p));
+            }
+            if let Ok(LockDevice::Lun { pool, lun }) = spec.device() {
+                match typed.luns.iter().find(|l| l.name == lun) {
+                    None => errors.push(err(format!("LUN {lun:?} is not declared"))),
+                    Some(l) if l.pool != pool => errors.push(err(format!(
+                        "LUN {lun:?} is in pool {:?}, not {pool:?}",
+                        l.pool
+                    ))),
+                    Some(_) => {}
+                }
+            }
+            let key = match spec.device() {
+                Ok(LockDevice::Iscsi(url)) => basalt_blockdev_iscsi::IscsiUrl::parse(&url)
+                    .map(|u| format!("iscsi://{}/{}/{}", u.portal, u.target, u.lun))
+                    .unwrap_or(url),
+                _ => spec.device.clone(),
+            };
+            if let Some(other) = devices.insert(key, spec.name.clone()) {
+                errors.push(err(format!(
+                    "device {:?} is already lockspace {other:?}",
+                    spec.device
+                )));
+            }
+            typed.lockspaces.push(spec);
         }
         if errors.is_empty() {
             Ok(typed)

@@ -93,7 +93,16 @@ impl Switches {
             let runtime = match current {
                 Some((Some(_), old)) if &old == def => continue,
                 Some((Some(sw), _)) => {
-                    let d = def.clone();
+                    // Ports made at run time for running VMs' NICs are not declared:
+                    // keep them across the change.
+                    let mut d = def.clone();
+                    for p in sw.definition().ports {
+                        if p.name.starts_with(super::vms::VM_PORT_PREFIX)
+                            && !d.ports.iter().any(|q| q.name == p.name)
+                        {
+                            d.ports.push(p);
+                        }
+                    }
                     let s = sw.clone();
                     let error = match block(move || s.apply(d)).await? {
                         Ok(changes) => {
@@ -163,6 +172,27 @@ impl Switches {
             });
         }
         Ok(out)
+    }
+
+    /// The running switch that has port group `pg` (a VM NIC's attachment).
+    pub fn with_portgroup(&self, pg: &str) -> Result<Arc<Switch>, String> {
+        let running = self.lock();
+        let mut found = running
+            .values()
+            .filter(|rt| rt.definition.portgroups.iter().any(|p| p.name == pg));
+        match (found.next(), found.next()) {
+            (Some(rt), None) => rt.switch.clone().ok_or_else(|| {
+                format!(
+                    "switch {:?} (port group {pg:?}) is not running",
+                    rt.definition.name
+                )
+            }),
+            (Some(a), Some(b)) => Err(format!(
+                "port group {pg:?} is on switches {:?} and {:?}; rename one",
+                a.definition.name, b.definition.name
+            )),
+            (None, _) => Err(format!("no switch has a port group {pg:?}")),
+        }
     }
 
     /// Port counters of every running switch, for `/metrics`.

@@ -542,3 +542,40 @@ fn test_tls_config() -> Arc<rustls::ServerConfig> {
         .unwrap();
     Arc::new(cfg)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_listener_serves_outside_the_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("nbd.sock");
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let mut c = config(&["lun0"]);
+    c.listen.clear();
+    let mut devices = Devices::new();
+    devices.insert("lun0".into(), mem(2048, 512));
+    let server = NbdServer::start(c.clone(), devices.clone(), None)
+        .await
+        .unwrap();
+    server.serve_unix(&path).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A reconfiguration (no TCP listeners in it) keeps the unix listener.
+    c.exports.get_mut("lun0").unwrap().description = Some("VM disk".into());
+    server.reconfigure(c, devices, None).await.unwrap();
+    assert!(server.local_addrs().await.is_empty());
+    let p = path.clone();
+    blocking(move || {
+        let s = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = BlockingClient::connect(s, "lun0", &ClientOptions::default()).unwrap();
+        assert_eq!(c.size, 1 << 20);
+        assert_eq!(c.write(4096, &[7u8; 4096]).unwrap().errno(), 0);
+        assert_eq!(data_of(c.read(4096, 4096).unwrap()), vec![7u8; 4096]);
+        c.disconnect().unwrap();
+    })
+    .await;
+    assert_eq!(server.metrics().exports["lun0"].connections_total, 1);
+    server.stop(Duration::from_secs(5)).await;
+    assert!(!path.exists(), "the socket file outlived the server");
+}

@@ -49,14 +49,12 @@ pub(crate) struct Signals {
     pub(crate) kill: CancellationToken,
 }
 
-/// Serves one accepted TCP connection to its end.
-pub(crate) async fn serve(
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    signals: Signals,
-) {
-    let _ = stream.set_nodelay(true);
+/// Serves one accepted connection (TCP, or a unix socket whose peers count as
+/// loopback) to its end.
+pub(crate) async fn serve<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>, signals: Signals)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let kill = signals.kill.clone();
     tokio::select! {
         _ = kill.cancelled() => {}
@@ -64,13 +62,13 @@ pub(crate) async fn serve(
     }
 }
 
-enum Phase2 {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+enum Phase2<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
 }
 
-async fn serve_inner(
-    mut tcp: tokio::net::TcpStream,
+async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    mut tcp: S,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     signals: &Signals,
@@ -155,7 +153,7 @@ async fn serve_inner(
     }
 }
 
-async fn close(io: Phase2) {
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(io: Phase2<S>) {
     match io {
         Phase2::Plain(mut s) => {
             let _ = s.shutdown().await;

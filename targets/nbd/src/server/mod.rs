@@ -93,6 +93,15 @@ pub enum NbdServerError {
     /// A limit is zero.
     #[error("{0} must be at least 1")]
     InvalidLimit(&'static str),
+    /// A unix socket could not be bound.
+    #[error("cannot listen on {}: {source}", path.display())]
+    BindUnix {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Export name to device, handed in by the daemon next to the configuration.
@@ -442,13 +451,42 @@ impl NbdServer {
                 },
             );
             self.tracker.spawn(accept_loop(
-                l,
+                AnyListener::Tcp(l),
                 cancel,
                 self.shared.clone(),
                 self.tracker.clone(),
                 self.signals.clone(),
             ));
         }
+        Ok(())
+    }
+
+    /// Also serves on the unix socket `path` (a stale socket file there is replaced),
+    /// until [`NbdServer::stop`]; the file is removed when the server stops. Unix peers
+    /// count as `127.0.0.1` for `allowed_networks`; who may connect is up to the
+    /// socket's file permissions (0600: the server's user only). This listener is not
+    /// part of [`NbdConfig`], so a reconfiguration keeps it: the daemon uses it to hand
+    /// LUNs to its own VMM processes.
+    pub fn serve_unix(&self, path: &std::path::Path) -> Result<(), NbdServerError> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let err = |source| NbdServerError::BindUnix {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path).map_err(err)?;
+            }
+        }
+        let l = tokio::net::UnixListener::bind(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        self.tracker.spawn(accept_loop(
+            AnyListener::Unix(l, path.to_path_buf()),
+            self.signals.stop.child_token(),
+            self.shared.clone(),
+            self.tracker.clone(),
+            self.signals.clone(),
+        ));
         Ok(())
     }
 
@@ -487,8 +525,38 @@ impl Drop for NbdServer {
     }
 }
 
+enum AnyListener {
+    Tcp(TcpListener),
+    /// With its path, removed when the loop ends.
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Unix peers count as loopback.
+const UNIX_PEER: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+impl AnyListener {
+    async fn accept(&self) -> std::io::Result<(Accepted, SocketAddr)> {
+        match self {
+            AnyListener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Accepted::Tcp(s), peer))
+            }
+            AnyListener::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok((Accepted::Unix(s), UNIX_PEER))
+            }
+        }
+    }
+}
+
 async fn accept_loop(
-    listener: TcpListener,
+    listener: AnyListener,
     cancel: CancellationToken,
     shared: Arc<Shared>,
     tracker: TaskTracker,
@@ -496,7 +564,7 @@ async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => break,
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
@@ -520,11 +588,17 @@ async fn accept_loop(
         let shared = shared.clone();
         let signals = signals.clone();
         tracker.spawn(async move {
-            connection::serve(stream, peer, shared.clone(), signals).await;
+            match stream {
+                Accepted::Tcp(s) => connection::serve(s, peer, shared.clone(), signals).await,
+                Accepted::Unix(s) => connection::serve(s, peer, shared.clone(), signals).await,
+            }
             shared
                 .counters
                 .connections_active
                 .fetch_sub(1, Ordering::Relaxed);
         });
+    }
+    if let AnyListener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
     }
 }

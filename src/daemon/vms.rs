@@ -1,0 +1,595 @@
+//! VMs at run time: the daemon's side of `basalt-compute`.
+//!
+//! VM folders live in `<data dir>/vms` (a [`VmStore`]); a [`Supervisor`] runs one
+//! `basalt vmm` process per running VM (this very binary, `current_exe()`), and
+//! [`Handover`] is its [`Resolver`]: before every (re)start it turns what the definition
+//! names into what this host has:
+//!
+//! - a disk that names a LUN (`POOL/LUN`) becomes an export of the daemon's *VM NBD
+//!   server*, an NBD server of its own (not the admin's `[nbd]` target: no TCP listener,
+//!   not in the desired state) that listens only on the unix socket
+//!   `<data dir>/vm-nbd.sock` (mode 0600) and exports the same LUN handle the targets
+//!   use; the VMM gets `nbd+unix:///LUN?socket=...`;
+//! - a NIC that names a port group gets a TAP opened here (with virtio-net headers) and
+//!   attached to the vSwitch that has that port group, as a `netdev` port named
+//!   `bvm-XXXXXXXX` (a hash of VM and NIC) with the NIC's MAC; the VMM inherits the TAP's
+//!   fd. The TAP goes away with the VMM; the next start replaces the port.
+//!
+//! File and NBD-URI disks need nothing from the daemon: the VMM opens them itself.
+
+use super::appliance::Appliance;
+use crate::api::error::ApiError;
+use basalt_compute::definition::{DiskSource, VmDefinition};
+use basalt_compute::launch::{DiskEndpoint, NicEndpoint, VmmArgs};
+use basalt_compute::nbd::NbdAddress;
+use basalt_compute::store::{StoreError, VmState, VmStatus, VmStore};
+use basalt_compute::supervisor::{Launch, Resolver, Supervisor, SupervisorConfig, SupervisorError};
+use basalt_nbd::{Devices, ExportConfig, NbdConfig, NbdServer};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The VM folders' directory in the data directory.
+pub const VMS_DIR: &str = "vms";
+/// The VM NBD server's socket in the data directory.
+pub const VM_NBD_SOCKET: &str = "vm-nbd.sock";
+/// Prefix of the switch ports (and TAP devices) made for VM NICs.
+pub const VM_PORT_PREFIX: &str = "bvm-";
+/// The most console text one call returns.
+const CONSOLE_CHUNK: u64 = 1 << 20;
+
+/// One VM as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// The definition (absent when `vm.json` does not parse; see `error`).
+    #[schema(value_type = Object)]
+    pub definition: Option<VmDefinition>,
+    /// Why the definition cannot be read.
+    pub error: Option<String>,
+    /// State, runner, pid, restarts, and how the last run ended.
+    #[schema(value_type = Object)]
+    pub status: VmStatus,
+}
+
+/// A piece of a VM's serial console log.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConsoleChunk {
+    /// Where `text` starts in the log.
+    pub offset: u64,
+    /// Where the next call should start (`?offset=`).
+    pub next_offset: u64,
+    /// The log's size now.
+    pub size: u64,
+    /// The text (invalid UTF-8 replaced).
+    pub text: String,
+}
+
+/// The VMs of this appliance.
+pub struct Vms {
+    supervisor: Arc<Supervisor>,
+    handover: Arc<Handover>,
+    /// Restarts seen per VM, for a monotonic counter: (last `restarts`, total).
+    restarts: Mutex<HashMap<String, (u32, u64)>>,
+    /// The task that takes ended VMs' NIC ports off their switches.
+    janitor: tokio::task::AbortHandle,
+}
+
+impl From<SupervisorError> for ApiError {
+    fn from(e: SupervisorError) -> Self {
+        match e {
+            SupervisorError::Store(s) => s.into(),
+            e @ (SupervisorError::AlreadyRunning(_) | SupervisorError::NotRunning(_)) => {
+                ApiError::Conflict(e.to_string())
+            }
+            e @ SupervisorError::Resolve { .. } => ApiError::Conflict(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            e @ StoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            e @ (StoreError::Exists(_) | StoreError::Running(_)) => {
+                ApiError::Conflict(e.to_string())
+            }
+            e @ StoreError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("background task failed: {e}")))?
+}
+
+impl Vms {
+    /// Opens `<data dir>/vms`, and re-adopts the VMM processes that outlived the last
+    /// daemon (recording the ones that died meanwhile as crashed).
+    pub async fn start(data_dir: &Path, appliance: Arc<Appliance>) -> anyhow::Result<Arc<Vms>> {
+        use anyhow::Context;
+        let root = data_dir.join(VMS_DIR);
+        let store = VmStore::open(&root)
+            .with_context(|| format!("cannot open the VM folders at {}", root.display()))?;
+        let exe = std::env::current_exe().context("cannot find this program for `basalt vmm`")?;
+        let handover = Arc::new(Handover {
+            appliance,
+            socket: data_dir.join(VM_NBD_SOCKET),
+            nbd: tokio::sync::Mutex::new(None),
+            runtime: tokio::runtime::Handle::current(),
+            nic_lock: Mutex::new(()),
+        });
+        let supervisor = Supervisor::new(store, SupervisorConfig::new(exe), handover.clone());
+        let adopted = supervisor
+            .recover()
+            .await
+            .context("cannot recover the VMs that were running")?;
+        if !adopted.is_empty() {
+            tracing::info!(?adopted, "VMs still running, adopted");
+        }
+        // NIC ports of VMs that ended (crashed, powered off) are taken off their switches
+        // now and then; stop, kill and delete do it at once.
+        let (sup, h) = (supervisor.clone(), handover.clone());
+        let janitor = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let (sup, h) = (sup.clone(), h.clone());
+                let _ = tokio::task::spawn_blocking(move || h.release_ports(&sup, None)).await;
+            }
+        });
+        Ok(Arc::new(Vms {
+            supervisor,
+            handover,
+            restarts: Mutex::default(),
+            janitor: janitor.abort_handle(),
+        }))
+    }
+
+    /// `POST /vms`: a new VM folder from a definition (JSON).
+    pub async fn create(&self, json: &str) -> Result<VmInfo, ApiError> {
+        let def = VmDefinition::from_json(json)
+            .map_err(|e| ApiError::BadRequest(format!("invalid VM definition: {e}")))?;
+        let store = self.supervisor.store().clone();
+        let d = def.clone();
+        blocking(move || Ok(store.create(&d).map(|_| ())?)).await?;
+        tracing::info!(vm = %def.name, "VM defined");
+        self.get(&def.name).await
+    }
+
+    /// `GET /vms`.
+    pub async fn list(&self) -> Result<Vec<VmInfo>, ApiError> {
+        let sup = self.supervisor.clone();
+        let listed = blocking(move || Ok(sup.list()?)).await?;
+        let store = self.supervisor.store().clone();
+        blocking(move || {
+            Ok(listed
+                .into_iter()
+                .map(|(name, status)| {
+                    let (definition, error) = match store.get(&name) {
+                        Ok(d) => (Some(d), None),
+                        Err(e) => (None, Some(e.to_string())),
+                    };
+                    VmInfo {
+                        name,
+                        definition,
+                        error,
+                        status,
+                    }
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// `GET /vms/{name}`.
+    pub async fn get(&self, name: &str) -> Result<VmInfo, ApiError> {
+        let sup = self.supervisor.clone();
+        let n = name.to_string();
+        blocking(move || {
+            let status = sup.status(&n)?;
+            let (definition, error) = match sup.store().get(&n) {
+                Ok(d) => (Some(d), None),
+                Err(StoreError::NotFound(_)) => {
+                    return Err(ApiError::NotFound(format!("no VM named {n:?}")))
+                }
+                Err(e) => (None, Some(e.to_string())),
+            };
+            Ok(VmInfo {
+                name: n,
+                definition,
+                error,
+                status,
+            })
+        })
+        .await
+    }
+
+    /// `POST /vms/{name}/start`: returns once the VMM process is spawned.
+    pub async fn start_vm(&self, name: &str) -> Result<VmInfo, ApiError> {
+        self.get(name).await?;
+        let pid = self.supervisor.start(name).await?;
+        tracing::info!(vm = %name, pid, "VM started");
+        self.get(name).await
+    }
+
+    /// `POST /vms/{name}/stop`: SIGTERM, then SIGKILL after the stop timeout.
+    pub async fn stop_vm(&self, name: &str) -> Result<VmInfo, ApiError> {
+        self.get(name).await?;
+        self.supervisor.stop(name).await?;
+        tracing::info!(vm = %name, "VM stopped");
+        self.release_ports(name).await;
+        self.get(name).await
+    }
+
+    /// `POST /vms/{name}/kill`: SIGKILL at once.
+    pub async fn kill_vm(&self, name: &str) -> Result<VmInfo, ApiError> {
+        self.get(name).await?;
+        self.supervisor.kill(name).await?;
+        tracing::info!(vm = %name, "VM killed");
+        self.release_ports(name).await;
+        self.get(name).await
+    }
+
+    async fn release_ports(&self, name: &str) {
+        let (sup, h, n) = (
+            self.supervisor.clone(),
+            self.handover.clone(),
+            name.to_string(),
+        );
+        let _ = tokio::task::spawn_blocking(move || h.release_ports(&sup, Some(&n))).await;
+    }
+
+    /// `DELETE /vms/{name}`: a VM that is not running, with its folder (file disks
+    /// included; LUNs are left alone).
+    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
+        self.get(name).await?;
+        if self.supervisor.status(name)?.state.is_active() {
+            return Err(StoreError::Running(name.to_string()).into());
+        }
+        self.release_ports(name).await;
+        let sup = self.supervisor.clone();
+        let n = name.to_string();
+        blocking(move || Ok(sup.delete(&n)?)).await?;
+        self.restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        tracing::info!(vm = %name, "VM deleted");
+        Ok(())
+    }
+
+    /// `GET /vms/{name}/console?offset=N`: the serial console log from `offset` (at most
+    /// 1 MiB per call).
+    pub async fn console(&self, name: &str, offset: u64) -> Result<ConsoleChunk, ApiError> {
+        self.get(name).await?;
+        let path = self.supervisor.console_paths(name).0;
+        blocking(move || {
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(ConsoleChunk {
+                        offset,
+                        next_offset: offset,
+                        size: 0,
+                        text: String::new(),
+                    })
+                }
+                Err(e) => return Err(ApiError::Internal(format!("{}: {e}", path.display()))),
+            };
+            let io = |e: std::io::Error| ApiError::Internal(format!("{}: {e}", path.display()));
+            let size = f.metadata().map_err(io)?.len();
+            // A log that was restarted (shorter than the offset) is read from its start.
+            let start = if offset > size { 0 } else { offset };
+            f.seek(SeekFrom::Start(start)).map_err(io)?;
+            let mut buf = Vec::new();
+            f.take(CONSOLE_CHUNK).read_to_end(&mut buf).map_err(io)?;
+            Ok(ConsoleChunk {
+                offset: start,
+                next_offset: start + buf.len() as u64,
+                size,
+                text: String::from_utf8_lossy(&buf).into_owned(),
+            })
+        })
+        .await
+    }
+
+    /// Every VM for `/metrics`: name, runner, status, and restarts since the daemon
+    /// started (monotonic, unlike the status's restarts in a row).
+    pub async fn metrics(self: &Arc<Self>) -> Vec<VmMetrics> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.metrics_now())
+            .await
+            .unwrap_or_default()
+    }
+
+    fn metrics_now(&self) -> Vec<VmMetrics> {
+        let Ok(list) = self.supervisor.store().list() else {
+            return Vec::new();
+        };
+        let mut seen = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
+        list.into_iter()
+            .map(|e| {
+                let status = self.supervisor.status(&e.name).unwrap_or(e.status);
+                let runner = status
+                    .runner
+                    .clone()
+                    .unwrap_or_else(|| match &e.definition {
+                        Ok(d) => serde_json::to_value(d.runner)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_else(|| "auto".into()),
+                        Err(_) => "unknown".into(),
+                    });
+                let entry = seen.entry(e.name.clone()).or_insert((0, 0));
+                let now = status.restarts;
+                // The status counts restarts in a row and resets after a stable run.
+                entry.1 += u64::from(if now >= entry.0 { now - entry.0 } else { now });
+                entry.0 = now;
+                VmMetrics {
+                    name: e.name,
+                    runner,
+                    state: status.state,
+                    restarts_total: entry.1,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops the VM NBD server (at shutdown). Running VMs are left running (they are
+    /// re-adopted at the next start), but lose their LUN disks' connection.
+    pub async fn shutdown(&self) {
+        self.janitor.abort();
+        if let Some((server, _)) = self.handover.nbd.lock().await.take() {
+            server.stop(Duration::from_secs(2)).await;
+        }
+    }
+}
+
+/// What `/metrics` shows of one VM.
+pub struct VmMetrics {
+    /// Name.
+    pub name: String,
+    /// Runner in use, or the definition's.
+    pub runner: String,
+    /// State.
+    pub state: VmState,
+    /// Restarts after crashes since the daemon started.
+    pub restarts_total: u64,
+}
+
+/// The daemon's [`Resolver`]: LUN disks over the VM NBD server, NICs as TAPs on the
+/// port group's switch. See the [module docs](self).
+pub struct Handover {
+    appliance: Arc<Appliance>,
+    socket: PathBuf,
+    /// The VM NBD server with its exports' devices.
+    nbd: tokio::sync::Mutex<Option<(NbdServer, Devices)>>,
+    runtime: tokio::runtime::Handle,
+    /// Serializes making NIC ports (in a start) and taking them away (after a VM ended),
+    /// so that a port being made for a start is never taken for a stale one.
+    nic_lock: Mutex<()>,
+}
+
+/// The switch port (and TAP device) name of a VM's NIC: 15 characters at most.
+pub fn vm_port_name(vm: &str, nic: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in vm.bytes().chain([b'/']).chain(nic.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{VM_PORT_PREFIX}{h:08x}")
+}
+
+impl Handover {
+    /// Exports `luns` (export name = LUN name) on the VM NBD server, starting it on first
+    /// use; exports of LUNs that no longer exist are dropped.
+    async fn export(
+        &self,
+        luns: Vec<(String, basalt_blockdev::SharedBlockDev)>,
+    ) -> Result<(), String> {
+        let storage = self.appliance.storage();
+        let mut guard = self.nbd.lock().await;
+        let mut devices: Devices = match guard.as_ref() {
+            Some((_, d)) => d
+                .iter()
+                .filter(|(name, _)| storage.lun_dev(name).is_some())
+                .map(|(n, d)| (n.clone(), d.clone()))
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        let mut changed = guard.is_none();
+        for (name, dev) in luns {
+            let same = devices.get(&name).is_some_and(|d| Arc::ptr_eq(d, &dev));
+            if !same {
+                devices.insert(name, dev);
+                changed = true;
+            }
+        }
+        if let Some((_, old)) = guard.as_ref() {
+            changed |= old.len() != devices.len();
+        }
+        if !changed {
+            return Ok(());
+        }
+        let config = NbdConfig {
+            listen: Vec::new(),
+            exports: devices
+                .keys()
+                .map(|n| {
+                    (
+                        n.clone(),
+                        ExportConfig {
+                            description: Some("VM disk".into()),
+                            ..ExportConfig::default()
+                        },
+                    )
+                })
+                .collect(),
+            ..NbdConfig::default()
+        };
+        match guard.as_mut() {
+            Some((server, d)) => {
+                server
+                    .reconfigure(config, devices.clone(), None)
+                    .await
+                    .map_err(|e| format!("VM NBD server: {e}"))?;
+                *d = devices;
+            }
+            None => {
+                let server = NbdServer::start(config, devices.clone(), None)
+                    .await
+                    .map_err(|e| format!("VM NBD server: {e}"))?;
+                server
+                    .serve_unix(&self.socket)
+                    .map_err(|e| format!("VM NBD server: {e}"))?;
+                tracing::info!(socket = %self.socket.display(), "VM NBD server started");
+                *guard = Some((server, devices));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the NIC ports of VMs that do not run (all, or only `only`) off their
+    /// switches. Blocks (switch calls).
+    fn release_ports(&self, sup: &Supervisor, only: Option<&str>) {
+        let _serial = self.nic_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let defs: Vec<VmDefinition> = match only {
+            Some(name) => sup.store().get(name).into_iter().collect(),
+            None => sup
+                .store()
+                .list()
+                .map(|l| l.into_iter().filter_map(|e| e.definition.ok()).collect())
+                .unwrap_or_default(),
+        };
+        for def in defs {
+            if def.nics.is_empty() || sup.status(&def.name).map_or(true, |s| s.state.is_active()) {
+                continue;
+            }
+            for nic in &def.nics {
+                let port = vm_port_name(&def.name, &nic.id);
+                let Ok(sw) = self.appliance.switches().with_portgroup(&nic.port_group) else {
+                    continue;
+                };
+                if sw.port(&port).is_some() {
+                    match sw.remove_port(&port) {
+                        Ok(_) => {
+                            tracing::info!(vm = %def.name, nic = %nic.id, %port, "VM NIC port removed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %def.name, %port, error = %e, "cannot remove a VM NIC port")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn resolve_inner(&self, def: &VmDefinition, dir: &Path) -> Result<Launch, String> {
+        let mut args = VmmArgs::new(dir);
+        let storage = self.appliance.storage();
+        let mut luns = Vec::new();
+        for d in &def.disks {
+            let DiskSource::Lun(source) = &d.source else {
+                continue;
+            };
+            let (pool, lun) = source
+                .split_once('/')
+                .ok_or_else(|| format!("disk {}: LUN {source:?} must be POOL/LUN", d.id))?;
+            match storage.find_lun(lun) {
+                Some((p, _)) if p == pool => {}
+                Some((p, _)) => {
+                    return Err(format!(
+                        "disk {}: LUN {lun:?} is in pool {p:?}, not {pool:?}",
+                        d.id
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "disk {}: no LUN {lun:?} is up in pool {pool:?}",
+                        d.id
+                    ))
+                }
+            }
+            let (dev, _) = storage
+                .lun_dev(lun)
+                .ok_or_else(|| format!("disk {}: LUN {source:?} is not up", d.id))?;
+            luns.push((lun.to_string(), dev as basalt_blockdev::SharedBlockDev));
+            args.disks.push((
+                d.id.clone(),
+                DiskEndpoint::Nbd(NbdAddress::Unix {
+                    socket: self.socket.clone(),
+                    export: lun.to_string(),
+                }),
+            ));
+        }
+        if !luns.is_empty() {
+            // Outside the runtime's context (see `resolve`), so this may wait.
+            self.runtime.block_on(self.export(luns))?;
+        }
+        let mut fds = Vec::new();
+        let _serial = self.nic_lock.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, nic) in def.nics.iter().enumerate() {
+            let sw = self
+                .appliance
+                .switches()
+                .with_portgroup(&nic.port_group)
+                .map_err(|e| format!("NIC {}: {e}", nic.id))?;
+            let name = vm_port_name(&def.name, &nic.id);
+            let mac = def
+                .nic_mac(i)
+                .map(|m| {
+                    format!(
+                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        m[0], m[1], m[2], m[3], m[4], m[5]
+                    )
+                })
+                .and_then(|s| s.parse().ok());
+            let nic_err = |e: &dyn std::fmt::Display| format!("NIC {}: {e}", nic.id);
+            if sw.port(&name).is_some() {
+                // Left from the last run (its TAP went away with that VMM).
+                sw.remove_port(&name).map_err(|e| nic_err(&e))?;
+            }
+            let tap = basalt_compute::vmm::virtio::net::Tap::open(&name)
+                .map_err(|e| nic_err(&format!("cannot open TAP {name}: {e}")))?;
+            sw.add_port(basalt_net::PortSpec {
+                name: name.clone(),
+                portgroup: nic.port_group.clone(),
+                kind: basalt_net::PortKind::Netdev,
+                mac,
+                interface: Some(name.clone()),
+                host: None,
+            })
+            .map_err(|e| {
+                nic_err(&format!(
+                    "cannot attach TAP {name} to port group {:?}: {e}",
+                    nic.port_group
+                ))
+            })?;
+            let fd = tap.into_fd();
+            args.nics
+                .push((nic.id.clone(), NicEndpoint::TapFd(fd.as_raw_fd())));
+            fds.push(fd);
+        }
+        Ok(Launch { args, fds })
+    }
+}
+
+impl Resolver for Handover {
+    fn resolve(&self, def: &VmDefinition, dir: &Path) -> Result<Launch, String> {
+        // The supervisor asks synchronously, from a task of the daemon's multi-threaded
+        // runtime; exporting and switch calls wait, so they leave the worker to others.
+        tokio::task::block_in_place(|| self.resolve_inner(def, dir))
+    }
+}
