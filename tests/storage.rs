@@ -387,3 +387,37 @@ fn pools_refuse_disks_that_hold_something_else() {
         r.stderr
     );
 }
+
+/// Disks, a pool on them and a LUN in one document, at first start and in a later
+/// `config apply`: the pool's disks are checked before they exist (a file the apply
+/// creates is blank; an existing one is opened for a look) and everything comes up.
+#[test]
+fn disks_pool_and_lun_come_in_one_document() {
+    let dir = tempdir();
+    let pool = "\n[[pool]]\nname = \"p0\"\nraid = \"raid1\"\ndisks = [\"d0\", \"d1\"]\n\
+                \n[[lun]]\nname = \"vm1\"\npool = \"p0\"\nsize = \"64M\"\n";
+    let d = Daemon::start(
+        &dir.path().join("var"),
+        Some(&(disks_doc(dir.path(), 2, "128M") + pool)),
+    );
+    let p = wait_pool(&d, "p0", "online", |p| p["state"] == "online");
+    assert_eq!(p["array"]["members"].as_array().unwrap().len(), 2, "{p:#}");
+    let luns = json(&d, &["lun", "list"]);
+    assert!(luns.to_string().contains("\"vm1\""), "{luns:#}");
+
+    // A later apply adds two disks and a pool on them; one of the disks is a file that
+    // already holds p0's superblock (a copy of d0): refused, naming the array.
+    let doc = disks_doc(dir.path(), 4, "128M")
+        + pool
+        + "\n[[pool]]\nname = \"p1\"\nraid = \"raid1\"\ndisks = [\"d2\", \"d3\"]\n";
+    std::fs::copy(dir.path().join("d0.img"), dir.path().join("d3.img")).unwrap();
+    let file = dir.path().join("next.toml");
+    std::fs::write(&file, &doc).unwrap();
+    let r = d.cli(&["config", "apply", file.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("belongs to array \"p0\""), "{}", r.stderr);
+    // With a blank d3 it goes through.
+    std::fs::remove_file(dir.path().join("d3.img")).unwrap();
+    d.cli(&["config", "apply", file.to_str().unwrap()]).ok();
+    wait_pool(&d, "p1", "online", |p| p["state"] == "online");
+}

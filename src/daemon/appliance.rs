@@ -790,13 +790,35 @@ impl Appliance {
             }
             let online = self.online_disks();
             let mut devices = Vec::new();
+            // Disks that this same document adds, so that disks and the pool on them can
+            // come in one apply: a file it will create is blank; one that exists already
+            // is opened for a look at its superblock (and closed again).
+            let mut to_create = 0;
             for d in spec.all_disks() {
-                match online.get(d) {
-                    Some(dev) => devices.push((d.clone(), dev.clone())),
+                if let Some(dev) = online.get(d) {
+                    devices.push((d.clone(), dev.clone()));
+                    continue;
+                }
+                let added = desired
+                    .disks
+                    .iter()
+                    .find(|s| &s.name == d && !before.disks.iter().any(|b| b.name == s.name));
+                match added {
+                    Some(ds) if ds.kind == DiskKind::File && !ds.path.exists() => to_create += 1,
+                    Some(ds) => {
+                        let rt = open_and_probe(ds.clone(), Arc::new(IoStats::default())).await;
+                        match rt.open {
+                            Some(open) => devices.push((d.clone(), open.dev)),
+                            None => errors.push(err(format!(
+                                "disk {d:?}: {}",
+                                rt.error.unwrap_or_else(|| "cannot be opened".into())
+                            ))),
+                        }
+                    }
                     None => errors.push(err(format!("disk {d:?} is not online"))),
                 }
             }
-            if devices.len() == spec.all_disks().count() {
+            if devices.len() + to_create == spec.all_disks().count() {
                 match inspect_disks(&spec.name, &devices).await {
                     Ok(_) => new_pools.push(spec.name.clone()),
                     Err(e) => errors.push(err(e)),
