@@ -365,11 +365,15 @@ fn storage_loss_fences_the_host_before_anyone_takes_over() {
     wait_renewal(&mut c, 0);
     c.pump(Duration::from_millis(1700));
     let cut = Instant::now();
+    // Host 1 may report `fenced` and `lost` in either order: both are waited for from here.
+    let mark = c.events.len();
     c.net.set_port(0, false);
-    let fenced = c.wait(Duration::from_secs(15), "host 1 fenced", |e| {
+    let fenced = c.wait_from(mark, Duration::from_secs(15), "host 1 fenced", |e| {
         e.is(0, "fenced")
     });
-    let lost = c.wait(Duration::from_secs(15), "host 1 lost", |e| e.is(0, "lost"));
+    let lost = c.wait_from(mark, Duration::from_secs(15), "host 1 lost", |e| {
+        e.is(0, "lost")
+    });
     c.send(0, "fenced-write 4194304");
     let fw = c.wait(Duration::from_secs(5), "host 1's fenced write", |e| {
         e.is(0, "fenced_write")
@@ -416,9 +420,11 @@ fn storage_loss_fences_the_host_before_anyone_takes_over() {
 fn timed_out_caw_that_applied_is_recognised_by_its_retry() {
     let mut c = Cluster::new("late", 3, default_format());
     let (_joined, _t) = start_script_hosts(&mut c, 3);
-    // 1. The next CAW is a heartbeat renewal.
+    // 1. The next CAW is a heartbeat renewal. (Events are waited for from a mark taken
+    // before the command: the host may report them in either order.)
+    let mark = c.events.len();
     c.send(0, "late-next-caw");
-    let late = c.wait(Duration::from_secs(10), "the late answer", |e| {
+    let late = c.wait_from(mark, Duration::from_secs(10), "the late answer", |e| {
         e.is(0, "late_answer")
     });
     assert!(
@@ -426,16 +432,17 @@ fn timed_out_caw_that_applied_is_recognised_by_its_retry() {
         "{}",
         late.v
     );
-    c.wait(Duration::from_secs(10), "recognition", |e| {
+    c.wait_from(mark, Duration::from_secs(10), "recognition", |e| {
         e.is(0, "metric") && e.v["own_image_recognized"] == 1
     });
     // 2. An acquisition (binding the record, then granting) with a late answer.
+    let mark = c.events.len();
     c.send(0, "late-next-caw");
     c.send(0, "lock vm1");
-    c.wait(Duration::from_secs(10), "host 1 granted", |e| {
+    c.wait_from(mark, Duration::from_secs(10), "host 1 granted", |e| {
         e.is(0, "granted")
     });
-    c.wait(Duration::from_secs(10), "recognition", |e| {
+    c.wait_from(mark, Duration::from_secs(10), "recognition", |e| {
         e.is(0, "metric") && e.v["own_image_recognized"] == 2
     });
     // Host 1 stays live and keeps renewing; nobody takes it over.
