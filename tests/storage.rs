@@ -311,9 +311,23 @@ fn snapshots_clones_resize_and_deletion_rules() {
     );
     // Deleting an exported LUN is refused; unexported, it goes and frees its space.
     let r = d.cli(&["lun", "delete", "vm1-clone"]);
-    assert!(r.stderr.contains("exported by a target"), "{}", r.stderr);
+    assert!(r.stderr.contains("in use by a target export"), "{}", r.stderr);
+    // So is renaming it; unexported, it takes its new name in the pool and the
+    // configuration, keeps its data, and the old name is gone.
+    let r = d.cli(&["lun", "rename", "vm1-clone", "web-data"]);
+    assert!(r.stderr.contains("in use by a target export"), "{}", r.stderr);
     d.cli(&["target", "nbd", "unexport", "vm1-clone"]).ok();
-    d.cli(&["lun", "delete", "vm1-clone"]).ok();
+    let r = d.cli(&["lun", "rename", "vm1-clone", "vm1"]);
+    assert!(r.stderr.contains("a LUN named \"vm1\" exists"), "{}", r.stderr);
+    d.cli(&["lun", "rename", "vm1-clone", "web-data"]).ok();
+    let config = d.cli(&["config", "export"]).ok().stdout;
+    assert!(config.contains("name = \"web-data\""), "{config}");
+    assert!(!config.contains("vm1-clone"), "{config}");
+    d.cli(&["target", "nbd", "export", "web-data"]).ok();
+    let renamed = read_back(&s, d, "web-data", "renamed.img");
+    same_prefix(&s.data, &renamed, 64 << 20);
+    d.cli(&["target", "nbd", "unexport", "web-data"]).ok();
+    d.cli(&["lun", "delete", "web-data"]).ok();
     d.cli(&["target", "nbd", "unexport", "vm1-snap"]).ok();
     d.cli(&["lun", "delete", "vm1-snap"]).ok();
     let luns = json(d, &["lun", "list"]);

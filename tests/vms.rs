@@ -471,6 +471,15 @@ fn a_vm_disk_can_be_a_daemon_lun() {
         !config.contains("root1\"]") && !config.contains("[nbd"),
         "{config}"
     );
+    // A LUN a VM names is neither deleted nor renamed under it.
+    for args in [
+        &["lun", "delete", "root1"][..],
+        &["lun", "rename", "root1", "root2"][..],
+    ] {
+        let out = r.d.cli(args);
+        assert_eq!(out.code, 1, "{args:?}: {}", out.stdout);
+        assert!(out.stderr.contains("in use by VM \"onlun\""), "{}", out.stderr);
+    }
 }
 
 #[test]

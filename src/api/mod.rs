@@ -49,7 +49,7 @@ pub struct ApiState {
         switches::remove_uplink, switches::add_port, switches::remove_port,
         storage::list_pools, storage::get_pool, storage::create_pool, storage::import_pools,
         storage::export_pool, storage::scrub_pool, storage::check_pool, storage::list_luns,
-        storage::get_lun, storage::create_lun, storage::resize_lun, storage::delete_lun,
+        storage::get_lun, storage::create_lun, storage::resize_lun, storage::rename_lun, storage::delete_lun,
         storage::snapshot_lun, storage::clone_lun, storage::fail_disk, storage::replace_disk,
         storage::spare_disk, targets::nbd_show, targets::nbd_settings, targets::nbd_export,
         targets::nbd_unexport, targets::iscsi_show, targets::iscsi_create, targets::iscsi_delete,

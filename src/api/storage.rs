@@ -6,7 +6,9 @@ use super::error::ApiError;
 use super::types::ApplyResult;
 use super::ApiState;
 use crate::daemon::appliance::ApplyOptions;
-use crate::daemon::sections::{put_named, LunSpec, PoolSpec, ProvisioningSpec, RaidLevel, Typed};
+use crate::daemon::sections::{
+    put_named, LockDevice, LunSpec, PoolSpec, ProvisioningSpec, RaidLevel, Typed,
+};
 use crate::daemon::storage::{lun_info, pool_error, LunInfo, PoolInfo};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -27,6 +29,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/luns", get(list_luns).post(create_lun))
         .route("/luns/{name}", get(get_lun).delete(delete_lun))
         .route("/luns/{name}/resize", post(resize_lun))
+        .route("/luns/{name}/rename", post(rename_lun))
         .route("/luns/{name}/snapshot", post(snapshot_lun))
         .route("/luns/{name}/clone", post(clone_lun))
         .route("/disks/{name}/fail", post(fail_disk))
@@ -261,6 +264,36 @@ pub async fn export_pool(
     Ok(Json(result))
 }
 
+/// What uses LUN `name` (of pool `pool`): target exports, lockspaces, VM disks. A LUN in
+/// use is neither deleted nor renamed.
+async fn lun_users(
+    state: &ApiState,
+    t: &Typed,
+    pool: &str,
+    name: &str,
+) -> Result<Vec<String>, ApiError> {
+    let mut users = Vec::new();
+    if exported(t, name) {
+        users.push("a target export".to_string());
+    }
+    for ls in &t.lockspaces {
+        if matches!(ls.device(), Ok(LockDevice::Lun { pool: p, lun }) if p == pool && lun == name) {
+            users.push(format!("lockspace {:?}", ls.name));
+        }
+    }
+    for vm in state.vms.using_lun(pool, name).await? {
+        users.push(format!("VM {vm:?}"));
+    }
+    Ok(users)
+}
+
+fn in_use(name: &str, users: &[String]) -> ApiError {
+    ApiError::Conflict(format!(
+        "LUN {name:?} is in use by {}; remove that use first",
+        users.join(", ")
+    ))
+}
+
 fn exported(t: &Typed, lun: &str) -> bool {
     t.nbd.as_ref().is_some_and(|c| c.exports.contains_key(lun))
         || t.iscsi.as_ref().is_some_and(|c| {
@@ -480,10 +513,18 @@ pub async fn delete_lun(
 ) -> Result<Json<ApplyResult>, ApiError> {
     let desired = state.appliance.desired().await?;
     let t = typed(&desired)?;
-    if exported(&t, &name) {
-        return Err(ApiError::Conflict(format!(
-            "LUN {name:?} is exported by a target; remove that export first"
-        )));
+    let pool = state.appliance.storage().find_lun(&name).map(|(p, _)| p);
+    let pool = pool
+        .or_else(|| {
+            t.luns
+                .iter()
+                .find(|l| l.name == name)
+                .map(|l| l.pool.clone())
+        })
+        .unwrap_or_default();
+    let users = lun_users(&state, &t, &pool, &name).await?;
+    if !users.is_empty() {
+        return Err(in_use(&name, &users));
     }
     if !t.luns.iter().any(|l| l.name == name) {
         // A snapshot, or a volume nobody declared: a run-time object.
@@ -517,6 +558,31 @@ pub async fn delete_lun(
             Ok(())
         })
         .await?;
+    Ok(Json(result))
+}
+
+/// Renames a LUN, in its pool and in the configuration. Refused while a target export,
+/// a lockspace or a VM uses it (they name it).
+#[utoipa::path(post, path = "/api/v1/luns/{name}/rename", params(("name" = String, Path)),
+    request_body = NewName, responses((status = 200, body = ApplyResult), (status = 404), (status = 409)))]
+pub async fn rename_lun(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Json(req): Json<NewName>,
+) -> Result<Json<ApplyResult>, ApiError> {
+    basalt_config::check_name(&req.name).map_err(bad)?;
+    let desired = state.appliance.desired().await?;
+    let t = typed(&desired)?;
+    let (pool, _) = state
+        .appliance
+        .storage()
+        .find_lun(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no LUN named {name:?}")))?;
+    let users = lun_users(&state, &t, &pool, &name).await?;
+    if !users.is_empty() {
+        return Err(in_use(&name, &users));
+    }
+    let result = state.appliance.rename_lun(&name, &req.name).await?;
     Ok(Json(result))
 }
 

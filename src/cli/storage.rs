@@ -111,6 +111,13 @@ pub enum LunCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Rename a LUN or snapshot (not while an export, lockspace or VM uses it).
+    Rename {
+        /// Current name.
+        name: String,
+        /// New name.
+        new_name: String,
+    },
     /// Delete a LUN or snapshot; its space returns to the pool.
     Delete {
         /// Name.
@@ -448,6 +455,15 @@ pub async fn lun(client: &Client, args: &ClientArgs, cmd: LunCommand) -> Result<
             )
             .await?;
             report(args, &r, &format!("LUN {name} is now {size}"))?;
+        }
+        LunCommand::Rename { name, new_name } => {
+            let r = post(
+                client,
+                &format!("/api/v1/luns/{name}/rename"),
+                &json!({ "name": new_name }),
+            )
+            .await?;
+            report(args, &r, &format!("LUN {name} is now {new_name}"))?;
         }
         LunCommand::Delete { name } => {
             let r: ApplyResult = client

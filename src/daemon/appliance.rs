@@ -7,7 +7,7 @@
 use super::disks::{check_kind, open_and_probe, DiskRuntime, DiskSet};
 use super::listeners::Listeners;
 use super::lockspaces::{header_mismatch, HostDefaults, Lockspaces};
-use super::sections::{ProvisioningSpec, Typed, DEFAULT_LUN_BLOCK_SIZE};
+use super::sections::{put_named, ProvisioningSpec, Typed, DEFAULT_LUN_BLOCK_SIZE};
 use super::storage::{check_lun, inspect_disks, OnlineDisks, Storage};
 use super::switches::{check_on_this_host, Switches};
 use super::targets::{iscsi_units, nbd_exports, Targets};
@@ -499,6 +499,51 @@ impl Appliance {
         let mut desired = blocking(move || Ok(store.desired_state()?)).await?;
         change(&mut desired)?;
         self.apply_state(desired, opts).await
+    }
+
+    /// Renames a LUN: in its pool first, then in the desired state, under one lock so
+    /// that no apply in between finds the declared name missing (and creates an empty
+    /// LUN of that name). If the configuration cannot take the new name, the pool's
+    /// rename is undone.
+    pub async fn rename_lun(
+        self: &Arc<Self>,
+        old: &str,
+        new: &str,
+    ) -> Result<ApplyResult, ApiError> {
+        let _guard = self.mutation.lock().await;
+        let store = self.store.clone();
+        let mut desired = blocking(move || Ok(store.desired_state()?)).await?;
+        let typed = Typed::parse(&desired).map_err(ApiError::InvalidConfig)?;
+        if typed.luns.iter().any(|l| l.name == new) || self.storage.find_lun(new).is_some() {
+            return Err(ApiError::Conflict(format!("a LUN named {new:?} exists")));
+        }
+        let (_, pool) = self
+            .storage
+            .find_lun(old)
+            .ok_or_else(|| ApiError::NotFound(format!("no LUN named {old:?}")))?;
+        pool.rename(old, new)
+            .await
+            .map_err(super::storage::pool_error)?;
+        if let Some(mut spec) = typed.luns.into_iter().find(|l| l.name == old) {
+            desired.sections.lun.retain(|s| s.name() != Some(old));
+            spec.name = new.to_string();
+            put_named(&mut desired.sections, "lun", new, &spec).map_err(ApiError::Internal)?;
+        }
+        match self.apply_state(desired, ApplyOptions::default()).await {
+            Ok(mut result) => {
+                result
+                    .changes
+                    .insert(0, format!("rename LUN {old} to {new}"));
+                tracing::info!(old, new, "LUN renamed");
+                Ok(result)
+            }
+            Err(e) => {
+                if let Err(undo) = pool.rename(new, old).await {
+                    tracing::error!(old, new, error = %undo, "cannot undo a LUN rename");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Pools found on online disks outside `used`: their arrays, by superblock, as the

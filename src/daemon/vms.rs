@@ -157,6 +157,28 @@ impl Vms {
         }))
     }
 
+    /// The VMs whose definition names LUN `POOL/LUN` as a disk (a LUN they use must not
+    /// be deleted or renamed under them).
+    pub async fn using_lun(&self, pool: &str, lun: &str) -> Result<Vec<String>, ApiError> {
+        let store = self.supervisor.store().clone();
+        let wanted = format!("{pool}/{lun}");
+        blocking(move || {
+            Ok(store
+                .list()?
+                .into_iter()
+                .filter(|e| {
+                    e.definition.as_ref().is_ok_and(|d| {
+                        d.disks
+                            .iter()
+                            .any(|disk| matches!(&disk.source, DiskSource::Lun(l) if *l == wanted))
+                    })
+                })
+                .map(|e| e.name)
+                .collect())
+        })
+        .await
+    }
+
     /// `POST /vms`: a new VM folder from a definition (JSON).
     pub async fn create(&self, json: &str) -> Result<VmInfo, ApiError> {
         let def = VmDefinition::from_json(json)
