@@ -340,6 +340,11 @@ pub(crate) fn pr_out(lu: &LogicalUnit, n: &NexusId, cdb: &[u8], data: &[u8]) -> 
     let typ = byte(cdb, 2) & 0x0f;
     let conflict = Ok(Response::status(Status::ReservationConflict));
     let good = Ok(Response::good(Bytes::new()));
+    if sa == 7 {
+        return register_and_move(lu, n, data);
+    }
+    // REPLACE LOST RESERVATION (8) has nothing to do: a reservation here is never lost
+    // (it is persisted with APTPL, or deliberately dropped at restart without it).
     if sa > 6 {
         return Err(Sense::INVALID_FIELD_IN_CDB.with_field(true, 1, None));
     }
@@ -493,6 +498,123 @@ pub(crate) fn pr_out(lu: &LogicalUnit, n: &NexusId, cdb: &[u8], data: &[u8]) -> 
     result
 }
 
+/// The I_T nexus an iSCSI TransportID names (SPC-4 7.6.4.6) on `target` through relative
+/// port `rel_port`. Format 01 gives the initiator port (`name,i,0xISID`); format 00 only
+/// the name, which must then match exactly one registered port on that relative port.
+fn nexus_of_transport_id(
+    tid: &[u8],
+    target: &str,
+    rel_port: u16,
+    regs: &[Registration],
+) -> Option<NexusId> {
+    const ISCSI: u8 = 5;
+    let &b0 = tid.first()?;
+    if b0 & 0x0f != ISCSI || tid.len() < 4 {
+        return None;
+    }
+    let len = be(tid, 2, 2) as usize;
+    let body = tid.get(4..4 + len)?;
+    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let text = std::str::from_utf8(&body[..end]).ok()?.to_ascii_lowercase();
+    match b0 >> 6 {
+        0 => {
+            let mut found = regs.iter().filter(|r| {
+                r.nexus.initiator == text
+                    && r.nexus.target == target
+                    && r.nexus.rel_port == rel_port
+            });
+            let one = found.next()?;
+            found.next().is_none().then(|| one.nexus.clone())
+        }
+        1 => {
+            let (name, isid_hex) = text.split_once(",i,0x")?;
+            if isid_hex.len() != 12 {
+                return None;
+            }
+            let mut isid = [0u8; 6];
+            for (i, b) in isid.iter_mut().enumerate() {
+                *b = u8::from_str_radix(isid_hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            Some(NexusId {
+                initiator: name.to_string(),
+                isid,
+                target: target.to_string(),
+                rel_port,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// PERSISTENT RESERVE OUT, REGISTER AND MOVE (SPC-4 5.13.8): the reservation holder
+/// registers another I_T nexus (named by a TransportID) with the service action key and
+/// hands it the reservation, with the same type; with UNREG it unregisters itself.
+fn register_and_move(lu: &LogicalUnit, n: &NexusId, data: &[u8]) -> Res {
+    let conflict = Ok(Response::status(Status::ReservationConflict));
+    if data.len() < 24 {
+        return Err(Sense::PARAM_LIST_LENGTH);
+    }
+    let key = be(data, 0, 8);
+    let sa_key = be(data, 8, 8);
+    let unreg = data[17] & 0x02 != 0;
+    let aptpl = data[17] & 0x01 != 0;
+    let rel_port = be(data, 18, 2) as u16;
+    let tid_len = be(data, 20, 4) as usize;
+    if data.len() < 24 + tid_len {
+        return Err(Sense::PARAM_LIST_LENGTH);
+    }
+    let mut st = lu.lock();
+    if st.legacy.as_ref().is_some_and(|h| h != n) {
+        return conflict;
+    }
+    if st.pr.reg(n).map(|r| r.key) != Some(key) {
+        return conflict;
+    }
+    let Some(res) = st.pr.res.clone() else {
+        return conflict;
+    };
+    // Only a single holder can hand its reservation over: an all-registrants
+    // reservation belongs to every registrant.
+    if !st.pr.is_holder(n) || all_registrants(res.typ) {
+        return conflict;
+    }
+    if sa_key == 0 {
+        return Err(Sense::INVALID_FIELD_IN_PARAM.with_field(false, 8, None));
+    }
+    let Some(dest) =
+        nexus_of_transport_id(&data[24..24 + tid_len], &n.target, rel_port, &st.pr.regs)
+    else {
+        return Err(Sense::INVALID_FIELD_IN_PARAM.with_field(false, 24, None));
+    };
+    if &dest == n {
+        return Err(Sense::INVALID_FIELD_IN_PARAM.with_field(false, 24, None));
+    }
+    match st.pr.regs.iter_mut().find(|r| r.nexus == dest) {
+        Some(r) => r.key = sa_key,
+        None => {
+            if st.pr.regs.len() >= MAX_REGISTRATIONS {
+                return Err(Sense::INSUFFICIENT_REGISTRATION);
+            }
+            st.pr.regs.push(Registration {
+                key: sa_key,
+                nexus: dest.clone(),
+            });
+        }
+    }
+    st.pr.res = Some(Reservation {
+        holder: dest,
+        typ: res.typ,
+    });
+    if unreg {
+        st.pr.regs.retain(|r| &r.nexus != n);
+    }
+    st.pr.aptpl = aptpl;
+    st.pr.generation = st.pr.generation.wrapping_add(1);
+    lu.persist(&st);
+    lu.refresh_quiet(&st);
+    Ok(Response::good(Bytes::new()))
+}
+
 fn unregister(_lu: &LogicalUnit, st: &mut crate::lu::LuState, n: &NexusId) {
     let was_holder = st.pr.is_holder(n);
     st.pr.regs.retain(|r| &r.nexus != n);
@@ -618,6 +740,129 @@ mod tests {
         s.generation = 3;
         assert_eq!(PrState::decode(&s.encode()), Some(s));
         assert_eq!(PrState::decode(&[1, 2]), None);
+    }
+
+    struct NoCopy;
+    impl crate::lu::LunResolver for NoCopy {
+        fn resolve(&self, _: &[u8]) -> Option<std::sync::Arc<LogicalUnit>> {
+            None
+        }
+    }
+
+    fn pr_out_cdb(sa: u8, typ: u8, len: usize) -> Vec<u8> {
+        let l = (len as u32).to_be_bytes();
+        vec![op::PR_OUT, sa, typ, 0, 0, l[0], l[1], l[2], l[3], 0]
+    }
+
+    fn basic(key: u64, sa_key: u64) -> Vec<u8> {
+        let mut d = vec![0u8; 24];
+        d[..8].copy_from_slice(&key.to_be_bytes());
+        d[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        d
+    }
+
+    /// REGISTER AND MOVE's parameter list with an iSCSI TransportID (`port`: the
+    /// initiator port name (format 01) or just the initiator name (format 00)).
+    fn move_params(key: u64, sa_key: u64, unreg: bool, port: &str, format: u8) -> Vec<u8> {
+        let mut d = basic(key, sa_key);
+        d[17] = if unreg { 0x02 } else { 0 };
+        d[18..20].copy_from_slice(&1u16.to_be_bytes());
+        let len = (port.len() + 1).next_multiple_of(4);
+        let mut tid = vec![(format << 6) | 5, 0, 0, len as u8];
+        tid.extend_from_slice(port.as_bytes());
+        tid.resize(4 + len, 0);
+        d[20..24].copy_from_slice(&(tid.len() as u32).to_be_bytes());
+        d.extend_from_slice(&tid);
+        d
+    }
+
+    #[tokio::test]
+    async fn register_and_move_hands_the_reservation_over() {
+        use basalt_blockdev::MemDev;
+        let lu = LogicalUnit::new(
+            std::sync::Arc::new(MemDev::new(1024, 512)),
+            crate::lu::LunIdentity::new(1),
+            None,
+        );
+        let run = |n: NexusId, cdb: Vec<u8>, data: Vec<u8>| {
+            let lu = &lu;
+            async move { lu.execute(&n, &NoCopy, &cdb, Bytes::from(data)).await }
+        };
+        let (a, b) = (nx("iqn.a"), nx("iqn.b"));
+        let write = vec![op::WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        // A registers and reserves (Exclusive Access); B is not registered.
+        assert_eq!(
+            run(a.clone(), pr_out_cdb(0, 0, 24), basic(0, 0xa))
+                .await
+                .status,
+            Status::Good
+        );
+        assert_eq!(
+            run(a.clone(), pr_out_cdb(1, EA, 24), basic(0xa, 0))
+                .await
+                .status,
+            Status::Good
+        );
+        // Not the holder, wrong key, zero service action key, or moving to itself: refused.
+        let p = move_params(0xb, 0xb, false, &b.initiator_port(), 1);
+        assert_eq!(
+            run(b.clone(), pr_out_cdb(7, EA, p.len()), p).await.status,
+            Status::ReservationConflict
+        );
+        let p = move_params(0x9, 0xb, false, &b.initiator_port(), 1);
+        assert_eq!(
+            run(a.clone(), pr_out_cdb(7, EA, p.len()), p).await.status,
+            Status::ReservationConflict
+        );
+        let p = move_params(0xa, 0, false, &b.initiator_port(), 1);
+        assert_eq!(
+            run(a.clone(), pr_out_cdb(7, EA, p.len()), p).await.status,
+            Status::CheckCondition
+        );
+        let p = move_params(0xa, 0xb, false, &a.initiator_port(), 1);
+        assert_eq!(
+            run(a.clone(), pr_out_cdb(7, EA, p.len()), p).await.status,
+            Status::CheckCondition
+        );
+        // A moves the reservation to B (format 01: B's port), unregistering itself.
+        let p = move_params(0xa, 0xb, true, &b.initiator_port(), 1);
+        assert_eq!(
+            run(a.clone(), pr_out_cdb(7, EA, p.len()), p).await.status,
+            Status::Good
+        );
+        {
+            let st = lu.lock();
+            assert!(st.pr.is_holder(&b));
+            assert_eq!(st.pr.reg(&b).map(|r| r.key), Some(0xb));
+            assert!(st.pr.reg(&a).is_none());
+            assert_eq!(st.pr.res.as_ref().map(|r| r.typ), Some(EA));
+        }
+        // B writes; A now conflicts.
+        assert_eq!(
+            run(b.clone(), write.clone(), vec![0; 512]).await.status,
+            Status::Good
+        );
+        assert_eq!(
+            run(a.clone(), write, vec![0; 512]).await.status,
+            Status::ReservationConflict
+        );
+        // Format 00 (name only) names the one registered port of that initiator: A
+        // registers again and B moves the reservation back to it, keeping its own key.
+        assert_eq!(
+            run(a.clone(), pr_out_cdb(0, 0, 24), basic(0, 0xa))
+                .await
+                .status,
+            Status::Good
+        );
+        let p = move_params(0xb, 0xaa, false, &a.initiator, 0);
+        assert_eq!(
+            run(b.clone(), pr_out_cdb(7, EA, p.len()), p).await.status,
+            Status::Good
+        );
+        let st = lu.lock();
+        assert!(st.pr.is_holder(&a));
+        assert_eq!(st.pr.reg(&a).map(|r| r.key), Some(0xaa));
+        assert_eq!(st.pr.reg(&b).map(|r| r.key), Some(0xb));
     }
 
     #[test]

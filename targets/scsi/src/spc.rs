@@ -484,6 +484,11 @@ fn supported() -> Vec<(u8, Option<u16>, Vec<u8>)> {
             vec![op::PR_OUT, 0x1f, ff, 0, 0, ff, ff, ff, ff, 0],
         ),
         (
+            op::PR_OUT,
+            Some(7),
+            vec![op::PR_OUT, 0x1f, ff, 0, 0, ff, ff, ff, ff, 0],
+        ),
+        (
             op::EXTENDED_COPY,
             Some(0),
             vec![
