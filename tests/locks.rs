@@ -12,7 +12,6 @@ use basalt_blockdev_iscsi::{IscsiDev, IscsiOptions};
 use basalt_lockmgr::{JoinOptions, LockMode, Lockspace, ResourceId};
 use common::*;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,33 +80,6 @@ fn wait_for(
         assert!(Instant::now() < deadline, "never {what}: {v:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn promtool(scrape: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (deploy/install-deps.sh test)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool says:\n{report}"
-    );
 }
 
 #[test]
@@ -274,7 +246,7 @@ fn a_second_host_over_iscsi_holds_a_lock_the_daemon_lists() {
     ] {
         assert!(scrape.contains(name), "{name} missing from:\n{scrape}");
     }
-    promtool(&scrape);
+    promtool_check(&scrape);
 
     // Host B releases and leaves: its slot is free again and the lock has no holder.
     rt.block_on(async {
@@ -496,7 +468,7 @@ fn a_dead_host_is_taken_over_and_its_lock_broken() {
     ] {
         assert!(scrape.contains(name), "{name} missing from:\n{scrape}");
     }
-    promtool(&scrape);
+    promtool_check(&scrape);
 }
 
 #[test]
@@ -567,5 +539,5 @@ fn a_second_daemon_joins_over_iscsi() {
         )),
         "{scrape}"
     );
-    promtool(&scrape);
+    promtool_check(&scrape);
 }

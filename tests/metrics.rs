@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn daemon_with_disk_io(dir: &std::path::Path) -> Daemon {
@@ -39,30 +39,7 @@ fn promtool_finds_nothing_wrong() {
         !scrape.contains("basalt_disk_reads_completed_total{disk=\"d0\"} 0\n"),
         "probe read not counted"
     );
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (deploy/install-deps.sh test)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool says:\n{report}"
-    );
+    promtool_check(&scrape);
 }
 
 #[test]

@@ -214,30 +214,7 @@ fn pool_lun_nbd_and_iscsi_end_to_end() {
     ] {
         assert!(scrape.contains(name), "{name} missing");
     }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool:\n{report}"
-    );
+    promtool_check(&scrape);
 }
 
 #[test]
@@ -311,14 +288,26 @@ fn snapshots_clones_resize_and_deletion_rules() {
     );
     // Deleting an exported LUN is refused; unexported, it goes and frees its space.
     let r = d.cli(&["lun", "delete", "vm1-clone"]);
-    assert!(r.stderr.contains("in use by a target export"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("in use by a target export"),
+        "{}",
+        r.stderr
+    );
     // So is renaming it; unexported, it takes its new name in the pool and the
     // configuration, keeps its data, and the old name is gone.
     let r = d.cli(&["lun", "rename", "vm1-clone", "web-data"]);
-    assert!(r.stderr.contains("in use by a target export"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("in use by a target export"),
+        "{}",
+        r.stderr
+    );
     d.cli(&["target", "nbd", "unexport", "vm1-clone"]).ok();
     let r = d.cli(&["lun", "rename", "vm1-clone", "vm1"]);
-    assert!(r.stderr.contains("a LUN named \"vm1\" exists"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a LUN named \"vm1\" exists"),
+        "{}",
+        r.stderr
+    );
     d.cli(&["lun", "rename", "vm1-clone", "web-data"]).ok();
     let config = d.cli(&["config", "export"]).ok().stdout;
     assert!(config.contains("name = \"web-data\""), "{config}");

@@ -250,27 +250,7 @@ fn vm_lifecycle_through_the_cli_and_the_api() {
     ] {
         assert!(scrape.contains(line), "{line} missing:\n{scrape}");
     }
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (deploy/install-deps.sh test)");
-    use std::io::Write;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool_check(&scrape);
 
     // Stop: the exit record says it was asked, and the process is gone.
     let out = r.d.cli(&["--json", "vm", "stop", "vm1"]).ok();
@@ -478,7 +458,11 @@ fn a_vm_disk_can_be_a_daemon_lun() {
     ] {
         let out = r.d.cli(args);
         assert_eq!(out.code, 1, "{args:?}: {}", out.stdout);
-        assert!(out.stderr.contains("in use by VM \"onlun\""), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("in use by VM \"onlun\""),
+            "{}",
+            out.stderr
+        );
     }
 }
 
