@@ -18,6 +18,9 @@
 //!                              (port groups are the vSwitch's business)
 //! --user UID:GID               drop to this user once the VM is built
 //! --stop-grace-secs N          on SIGTERM: ask the guest to power off, kill after N s
+//! --nbd-reconnect-secs N       how long requests to an NBD disk wait for a lost
+//!                              connection to come back before they fail (default 60;
+//!                              see `crate::nbd`)
 //! ```
 //!
 //! Signals: SIGTERM/SIGINT ask for a stop (the QEMU runner presses the ACPI power
@@ -25,7 +28,7 @@
 //! and exits, since its guests have no ACPI power button yet). SIGKILL is `kill`.
 
 use crate::definition::{Boot, DiskSource, RunnerKind, VmDefinition};
-use crate::nbd::{NbdAddress, NbdDev};
+use crate::nbd::{NbdAddress, NbdDev, NbdOptions, DEFAULT_RECONNECT_WINDOW};
 use crate::qemu::{Accel, Qemu, QemuCommand};
 use crate::vmm::console::{self, ConsoleOut};
 use crate::vmm::virtio::net::Tap;
@@ -137,6 +140,8 @@ pub struct VmmArgs {
     pub user: Option<(u32, u32)>,
     /// How long a stop waits for the guest before killing it.
     pub stop_grace: Duration,
+    /// How long requests to an NBD disk wait for a lost connection to be restored.
+    pub nbd_reconnect: Duration,
 }
 
 impl VmmArgs {
@@ -149,6 +154,7 @@ impl VmmArgs {
             nics: Vec::new(),
             user: None,
             stop_grace: Duration::from_secs(10),
+            nbd_reconnect: DEFAULT_RECONNECT_WINDOW,
         }
     }
 
@@ -196,6 +202,12 @@ impl VmmArgs {
                         v.parse().map_err(|_| format!("--stop-grace-secs {v}"))?,
                     );
                 }
+                "--nbd-reconnect-secs" => {
+                    let v = val("--nbd-reconnect-secs")?;
+                    out.nbd_reconnect = Duration::from_secs(
+                        v.parse().map_err(|_| format!("--nbd-reconnect-secs {v}"))?,
+                    );
+                }
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
@@ -231,6 +243,10 @@ impl VmmArgs {
         }
         a.push("--stop-grace-secs".into());
         a.push(self.stop_grace.as_secs().to_string().into());
+        if self.nbd_reconnect != DEFAULT_RECONNECT_WINDOW {
+            a.push("--nbd-reconnect-secs".into());
+            a.push(self.nbd_reconnect.as_secs().to_string().into());
+        }
         a
     }
 }
@@ -477,7 +493,14 @@ fn run_builtin(
     let mut disk_cfgs = Vec::new();
     for (d, ep) in def.disks.iter().zip(disks) {
         let dev: Arc<dyn BlockDev> = match ep {
-            DiskEndpoint::Nbd(addr) => match rt.block_on(NbdDev::connect(addr)) {
+            DiskEndpoint::Nbd(addr) => match rt.block_on(NbdDev::connect_with(
+                addr,
+                NbdOptions {
+                    reconnect_window: args.nbd_reconnect,
+                    on_event: Some(Arc::new(|line: &str| eprintln!("vmm: {line}"))),
+                    ..NbdOptions::default()
+                },
+            )) {
                 Ok(dev) => Arc::new(dev),
                 Err(e) => return finish(EXIT_SETUP, &format!("disk {}: {e}", d.id)),
             },
@@ -603,6 +626,8 @@ mod tests {
         a.nics
             .push(("eth1".into(), NicEndpoint::TapName("bt0".into())));
         a.user = Some((65534, 65534));
+        assert_eq!(VmmArgs::parse(a.to_args()).expect("parse"), a);
+        a.nbd_reconnect = Duration::from_secs(5);
         assert_eq!(VmmArgs::parse(a.to_args()).expect("parse"), a);
         assert!(VmmArgs::parse(vec!["--runner".into(), "x".into()]).is_err());
         assert!(VmmArgs::parse(Vec::<OsString>::new()).is_err());

@@ -10,8 +10,12 @@
 //!    VMM that an escaped guest takes over runs as a user that owns nothing.
 //! 3. [`apply_seccomp`]: from then on every thread (TSYNC) may make only the system
 //!    calls of [`ALLOWED`]; anything else kills the process (`SIGSYS`), which the
-//!    supervisor records as a crash. No `open`, `execve`, `socket`, `connect` or
-//!    `bind`: a compromised VMM cannot reach new files, programs or networks.
+//!    supervisor records as a crash. No `execve` or `bind`, `open` fails (EACCES, a
+//!    second filter, [`open_filter`]: glibc's `free` may try one), and `socket` only
+//!    for unix, IPv4 and IPv6 sockets: a compromised VMM cannot reach new files or
+//!    programs. It can `connect`, because an NBD disk reconnects when the daemon
+//!    restarts ([`crate::nbd`]); seccomp cannot look at the address, so the user
+//!    (`--user`) and the socket's permissions are what limit where to.
 //!    `BASALT_VMM_SECCOMP=log` logs violations instead of killing (for finding a
 //!    missing call); `=off` disables the filter.
 //!
@@ -19,7 +23,10 @@
 //! the `basalt vmm` parent that drives it over QMP stays unfiltered (it must spawn and
 //! reap QEMU).
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 use std::collections::BTreeMap;
 
 /// Why confinement failed.
@@ -44,7 +51,8 @@ pub enum SandboxError {
 /// The system calls a running VMM makes: vCPU and device threads (KVM ioctls, epoll,
 /// eventfds, futexes), guest memory (madvise for the balloon), disks (io_uring, NBD
 /// sockets already connected), the TAPs, the console socket (accept), new device
-/// worker threads when a driver (re)activates a device, and exiting.
+/// worker threads when a driver (re)activates a device, and exiting. Plus, for NBD
+/// reconnections, `connect` and socket options; `socket` itself is in [`SOCKET_FAMILIES`].
 pub const ALLOWED: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
@@ -102,22 +110,68 @@ pub const ALLOWED: &[i64] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
+    libc::SYS_connect,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getpeername,
+    libc::SYS_getsockname,
+    // Only to fail with EACCES: see `open_filter`.
+    libc::SYS_open,
+    libc::SYS_openat,
     libc::SYS_io_uring_enter,
     libc::SYS_restart_syscall,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
 
-/// The filter as BPF: [`ALLOWED`] allowed, everything else `action`.
+/// The address families `socket` may create (an NBD disk reconnecting over a unix
+/// socket or TCP).
+pub const SOCKET_FAMILIES: &[i32] = &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
+
+/// The filter as BPF: [`ALLOWED`] allowed, `socket` for [`SOCKET_FAMILIES`], everything
+/// else `action`.
 pub fn filter(action: SeccompAction) -> Result<BpfProgram, SandboxError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|&s| (s, Vec::new())).collect();
+    let bad = |e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|&s| (s, Vec::new())).collect();
+    let mut socket = Vec::new();
+    for &family in SOCKET_FAMILIES {
+        let cond =
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family as u64)
+                .map_err(bad)?;
+        socket.push(SeccompRule::new(vec![cond]).map_err(bad)?);
+    }
+    rules.insert(libc::SYS_socket, socket);
     let f = SeccompFilter::new(rules, action, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     f.try_into()
         .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
 }
 
-/// Installs the filter on every thread of the process (see the module docs for
+/// The second filter: `open` and `openat` fail with `EACCES`, everything else passes
+/// (to [`filter`], which allows them; the kernel takes the stricter answer).
+///
+/// A VMM opens nothing once confined, but glibc does behind our back: `free` that
+/// shrinks a thread's heap arena reads `/proc/sys/vm/overcommit_memory` once (seen
+/// after an NBD reconnection freed its replay log), and copes when that fails. Failing
+/// the call keeps files out of reach without killing the VM for it.
+pub fn open_filter() -> Result<BpfProgram, SandboxError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [libc::SYS_open, libc::SYS_openat]
+        .iter()
+        .map(|&s| (s, Vec::new()))
+        .collect();
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    f.try_into()
+        .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
+}
+
+/// Installs the filters on every thread of the process (see the module docs for
 /// `BASALT_VMM_SECCOMP`). Returns whether a filter was installed.
 pub fn apply_seccomp() -> Result<bool, SandboxError> {
     let action = match std::env::var("BASALT_VMM_SECCOMP").as_deref() {
@@ -126,6 +180,10 @@ pub fn apply_seccomp() -> Result<bool, SandboxError> {
         _ => SeccompAction::KillProcess,
     };
     let prog = filter(action)?;
+    let opens = open_filter()?;
+    // The open filter first: once the allowlist is in, `seccomp` itself is refused.
+    seccompiler::apply_filter_all_threads(&opens)
+        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     seccompiler::apply_filter_all_threads(&prog)
         .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     Ok(true)
@@ -158,5 +216,6 @@ mod tests {
     fn filter_builds() {
         let prog = filter(SeccompAction::KillProcess).expect("filter");
         assert!(prog.len() > ALLOWED.len());
+        assert!(!open_filter().expect("open filter").is_empty());
     }
 }

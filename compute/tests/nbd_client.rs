@@ -4,9 +4,16 @@
 //! `unaligned_buffers`).
 //!
 //! Needs `nbdkit` and `qemu-nbd`; fails with a clear message without them.
+//!
+//! Reconnection runs against Basalt's own NBD server (`basalt-nbd`, as the daemon's VM
+//! NBD server) on a unix socket, stopped and started again on the same path over the
+//! same device, as a daemon restart does.
 
-use basalt_blockdev::{conformance, BlockDev, BlockError, SharedBlockDev, WriteFlags};
-use basalt_compute::nbd::{NbdAddress, NbdDev};
+use basalt_blockdev::{
+    conformance, fault::FaultOp, BlockDev, BlockError, FaultDev, MemDev, SharedBlockDev, WriteFlags,
+};
+use basalt_compute::nbd::{NbdAddress, NbdDev, NbdOptions};
+use basalt_nbd::{Devices, ExportConfig, NbdConfig, NbdServer};
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -212,4 +219,210 @@ async fn tcp_and_refused_exports() {
     assert!(err.to_string().contains("refused"), "{err}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Basalt's NBD server exporting `dev` as `lun0` on the unix socket `sock`.
+async fn basalt_server(dev: SharedBlockDev, sock: &Path) -> NbdServer {
+    let mut devices = Devices::new();
+    devices.insert("lun0".to_string(), dev);
+    let mut cfg = NbdConfig {
+        listen: Vec::new(),
+        ..NbdConfig::default()
+    };
+    cfg.exports.insert("lun0".into(), ExportConfig::default());
+    let server = NbdServer::start(cfg, devices, None)
+        .await
+        .expect("Basalt NBD server");
+    server.serve_unix(sock).expect("serve on the unix socket");
+    server
+}
+
+/// Stops the server at once (connections cut, requests in flight unanswered) and
+/// waits until its socket is gone.
+async fn kill(server: NbdServer, sock: &Path) {
+    server.stop(Duration::ZERO).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sock.exists() {
+        assert!(Instant::now() < deadline, "socket outlived its server");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn block(tag: u8, i: u64) -> Bytes {
+    let mut b = vec![tag; 4096];
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    Bytes::from(b)
+}
+
+async fn reconnecting(sock: &Path, window: Duration) -> NbdDev {
+    let uri = format!("nbd+unix:///lun0?socket={}", sock.display());
+    NbdDev::connect_with(
+        &NbdAddress::parse(&uri).expect("uri"),
+        NbdOptions {
+            reconnect_window: window,
+            ..NbdOptions::default()
+        },
+    )
+    .await
+    .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_survive_a_server_restart() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    // The LUN: memory behind a volatile write cache, slow enough that requests are in
+    // flight when the server goes.
+    let mem = Arc::new(MemDev::new(4096, 4096));
+    let fault = Arc::new(FaultDev::new(mem.clone()));
+    let server = basalt_server(fault.clone(), &sock).await;
+    let dev = Arc::new(reconnecting(&sock, Duration::from_secs(20)).await);
+    let mut model = vec![None::<Bytes>; 4096];
+
+    // Blocks 0..32 acknowledged before the outage, not flushed.
+    for i in 0..32u64 {
+        dev.write(i * 4096, block(1, i), WriteFlags::default())
+            .await
+            .expect("write");
+        model[i as usize] = Some(block(1, i));
+    }
+    fault.set_latency(FaultOp::Read, Duration::from_millis(300));
+    fault.set_latency(FaultOp::Write, Duration::from_millis(300));
+    // Writes of blocks 32..96 and reads of 0..32 in flight when the server goes.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 32..96u64 {
+        let d = dev.clone();
+        set.spawn(async move {
+            d.write(i * 4096, block(2, i), WriteFlags::default())
+                .await
+                .map(|()| None)
+        });
+        model[i as usize] = Some(block(2, i));
+    }
+    for i in 0..32u64 {
+        let d = dev.clone();
+        set.spawn(async move { d.read(i * 4096, 4096).await.map(|b| Some((i, b))) });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    kill(server, &sock).await;
+    // The storage controller lost its cache with it: what was not flushed is gone.
+    fault.crash();
+    fault.recover().await;
+    fault.set_latency(FaultOp::Read, Duration::ZERO);
+    fault.set_latency(FaultOp::Write, Duration::ZERO);
+    assert!(!dev.is_connected());
+    // Requests issued during the outage wait too.
+    for i in 96..128u64 {
+        let d = dev.clone();
+        set.spawn(async move {
+            d.write(i * 4096, block(3, i), WriteFlags::default())
+                .await
+                .map(|()| None)
+        });
+        model[i as usize] = Some(block(3, i));
+    }
+    {
+        let d = dev.clone();
+        set.spawn(async move { d.read(200 * 4096, 4096).await.map(|b| Some((200, b))) });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _server = basalt_server(fault.clone(), &sock).await;
+
+    let started = Instant::now();
+    while let Some(r) = set.join_next().await {
+        match r.expect("join").expect("a request across the restart") {
+            None => {}
+            Some((i, data)) => {
+                let want = model[i as usize]
+                    .clone()
+                    .unwrap_or_else(|| Bytes::from(vec![0u8; 4096]));
+                assert!(data == want, "block {i} read back wrong");
+            }
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(dev.reconnects(), 1);
+    assert!(dev.is_connected());
+
+    // A flush after the reconnection covers the writes acknowledged before the outage
+    // (lost with the cache, written again) as well as the others: all of it is on the
+    // medium under the cache.
+    dev.flush().await.expect("flush");
+    assert_eq!(fault.unflushed_blocks(), 0);
+    for (i, want) in model.iter().enumerate() {
+        let want = want.clone().unwrap_or_else(|| Bytes::from(vec![0u8; 4096]));
+        let got = mem.read(i as u64 * 4096, 4096).await.expect("medium");
+        assert!(got == want, "block {i} not on the medium after the flush");
+        let got = dev.read(i as u64 * 4096, 4096).await.expect("read");
+        assert!(got == want, "block {i} reads back wrong");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_fail_past_the_reconnect_window_then_work_again() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let mem: SharedBlockDev = Arc::new(MemDev::new(1024, 4096));
+    let server = basalt_server(mem.clone(), &sock).await;
+    let dev = reconnecting(&sock, Duration::from_secs(1)).await;
+    dev.write(0, block(7, 0), WriteFlags { fua: true })
+        .await
+        .expect("write");
+    kill(server, &sock).await;
+
+    // Waits for the window, then fails with a clear error.
+    let t = Instant::now();
+    let err = dev.read(0, 4096).await.expect_err("no server");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    let text = err.to_string();
+    assert!(matches!(err, BlockError::Offline(_)), "{err:?}");
+    assert!(
+        text.contains("unreachable for more than 1 s") && text.contains("vm-nbd.sock"),
+        "{text}"
+    );
+    // Further requests fail at once.
+    let t = Instant::now();
+    let err = dev
+        .write(4096, block(8, 1), WriteFlags::default())
+        .await
+        .expect_err("still no server");
+    assert!(
+        t.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(err.to_string().contains("unreachable"), "{err}");
+
+    // The device keeps trying: once the export is back, it works again.
+    let _server = basalt_server(mem.clone(), &sock).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dev.is_connected() {
+        assert!(Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(dev.read(0, 4096).await.expect("read") == block(7, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_that_came_back_with_another_size_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let server = basalt_server(Arc::new(MemDev::new(1024, 4096)), &sock).await;
+    let dev = reconnecting(&sock, Duration::from_secs(2)).await;
+    dev.read(0, 4096).await.expect("read");
+    kill(server, &sock).await;
+    let _other = basalt_server(Arc::new(MemDev::new(512, 4096)), &sock).await;
+    let err = dev.read(0, 4096).await.expect_err("another export");
+    let text = err.to_string();
+    assert!(
+        text.contains("came back with 2097152 bytes") && text.contains("refused"),
+        "{text}"
+    );
+    assert_eq!(dev.reconnects(), 0);
+    assert!(!dev.is_connected());
 }

@@ -137,6 +137,9 @@ impl Vms {
             .context("cannot recover the VMs that were running")?;
         if !adopted.is_empty() {
             tracing::info!(?adopted, "VMs still running, adopted");
+            // Their LUN disks reconnect to the VM NBD server (basalt_compute::nbd): serve
+            // it again at once, at the same socket path.
+            handover.reexport(supervisor.store(), &adopted).await;
         }
         // NIC ports of VMs that ended (crashed, powered off) are taken off their switches
         // now and then; stop, kill and delete do it at once.
@@ -369,8 +372,10 @@ impl Vms {
             .collect()
     }
 
-    /// Stops the VM NBD server (at shutdown). Running VMs are left running (they are
-    /// re-adopted at the next start), but lose their LUN disks' connection.
+    /// Stops the VM NBD server (at shutdown). Running VMs are left running: they are
+    /// re-adopted at the next start, which serves their LUN disks again on the same
+    /// socket path, and their VMMs reconnect meanwhile (their requests wait, up to the
+    /// VMM's reconnect window, 60 s by default).
     pub async fn shutdown(&self) {
         self.janitor.abort();
         if let Some((server, _)) = self.handover.nbd.lock().await.take() {
@@ -481,6 +486,38 @@ impl Handover {
             }
         }
         Ok(())
+    }
+
+    /// Exports the LUN disks of the VMs `names` (adopted at startup), whose VMMs are
+    /// reconnecting to the VM NBD server. A LUN that is not up is logged: that VMM's
+    /// requests fail once its reconnect window passes.
+    async fn reexport(&self, store: &VmStore, names: &[String]) {
+        let storage = self.appliance.storage();
+        let mut luns = Vec::new();
+        for name in names {
+            let Ok(def) = store.get(name) else { continue };
+            for d in &def.disks {
+                let DiskSource::Lun(source) = &d.source else {
+                    continue;
+                };
+                let lun = source.split_once('/').map_or(source.as_str(), |(_, l)| l);
+                match storage.lun_dev(lun) {
+                    Some((dev, _)) => {
+                        luns.push((lun.to_string(), dev as basalt_blockdev::SharedBlockDev))
+                    }
+                    None => {
+                        tracing::error!(vm = %name, disk = %d.id, %source, "LUN of a running VM is not up")
+                    }
+                }
+            }
+        }
+        if luns.is_empty() {
+            return;
+        }
+        match self.export(luns).await {
+            Ok(()) => tracing::info!("VM NBD server serving the adopted VMs' disks again"),
+            Err(e) => tracing::error!(error = %e, "cannot serve the adopted VMs' disks"),
+        }
     }
 
     /// Takes the NIC ports of VMs that do not run (all, or only `only`) off their

@@ -14,6 +14,49 @@
 //! handle by one reader task. Simple replies only; structured replies are not
 //! negotiated. Addresses are NBD URIs: `nbd://host[:port]/export` and
 //! `nbd+unix:///export?socket=/path`.
+//!
+//! # Riding out a lost connection
+//!
+//! The server goes away when the daemon restarts (for a VM, a storage-controller
+//! restart), and the VM must notice no more than a pause, as behind an iSCSI
+//! initiator's replacement timeout or QEMU's nbd `reconnect-delay`. So when the
+//! connection breaks (EOF, an I/O error, a protocol violation), [`NbdDev`]:
+//!
+//! - keeps every unanswered request, and holds new ones (nothing fails yet);
+//! - reconnects in the background: attempts 50 ms apart, doubling up to 2 s, each
+//!   bounded to 5 s; an attempt redoes the whole handshake and is refused unless the
+//!   export has the size and block size it had ([`NbdError::ExportChanged`]);
+//! - on success, first writes again the *replay log*: the writes (and trims,
+//!   write-zeroes) the old connection acknowledged but no flush has covered since,
+//!   because a server that went down may have lost them with its cache. Overlapping
+//!   entries go one after the other, in acknowledgement order, and all are
+//!   acknowledged before anything else is sent. Then it resends every unanswered
+//!   request under its handle: reads, and writes too. Resending a write is safe: an
+//!   NBD write carries its offset and its whole payload, so writing it twice leaves
+//!   what writing it once does, and requests in flight together have no order among
+//!   them anyway (a block device's user orders dependent writes by waiting for
+//!   completions). This relies on the export having one writer, this client, as a VM
+//!   disk does. Flushes go last, once every resent write is acknowledged on the new
+//!   connection, so a flush that succeeds covers everything written before it,
+//!   whichever connection acknowledged it. A flush's success trims the replay log; the
+//!   log holds at most [`NbdOptions::replay_limit`] bytes of payload (past it the
+//!   client flushes on its own), and holds nothing when the server has no volatile
+//!   cache (no `NBD_FLAG_SEND_FLUSH`) nor FUA writes. If a replay fails, the next flush
+//!   fails with the server's errno, since acknowledged data may be gone;
+//! - past [`NbdOptions::reconnect_window`] (default 60 s, [`DEFAULT_RECONNECT_WINDOW`];
+//!   checked after each failed attempt) without a connection, every waiting request
+//!   fails with [`BlockError::Offline`] ("NBD export ... unreachable for more than N s
+//!   (reconnect window): last attempt: ..."), which a guest sees as an I/O error, and
+//!   so does every new request, at once. The device does *not* stay failed: attempts
+//!   go on every 2 s, and once the export is back, requests work again (after the
+//!   replay above). That is what an admin expects of a storage path after a long
+//!   outage: the guest's own error handling decides what to make of the failed
+//!   requests, and nobody has to restart the VM to use its disk again.
+//!
+//! The VMM runs confined ([`crate::sandbox`]): reconnecting needs `socket` (of the
+//! families NBD uses) and `connect`, which its seccomp filter allows for this, and a
+//! VMM that dropped privileges (`--user`) must still be allowed by the socket's
+//! permissions.
 
 pub mod wire;
 
@@ -23,13 +66,14 @@ use basalt_blockdev::{
     Geometry, WriteFlags, ZeroFlags,
 };
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use wire::{Command, ExportInfo, Handshake};
 
 /// Why an NBD connection failed.
@@ -56,6 +100,16 @@ pub enum NbdError {
     /// The server broke the protocol.
     #[error("NBD protocol error: {0}")]
     Protocol(String),
+    /// After a reconnection, the export is not the one this device was opened on.
+    #[error("NBD export {export} came back with {} bytes in {}-byte blocks, it had {} bytes in {}-byte blocks: refused", now.0, now.1, was.0, was.1)]
+    ExportChanged {
+        /// The export's address.
+        export: String,
+        /// Size and block size at the first connection.
+        was: (u64, u32),
+        /// Size and block size now.
+        now: (u64, u32),
+    },
     /// The server refused the export.
     #[error("NBD server refused export {export:?} (reply {code:#x}): {message}")]
     Refused {
@@ -152,40 +206,152 @@ impl NbdAddress {
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
-struct Pending {
-    read_len: usize,
-    done: oneshot::Sender<Result<Bytes, u32>>,
+/// How long requests wait for a lost connection to come back by default.
+pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(60);
+/// How many bytes of acknowledged but unflushed writes are kept for replay by default.
+pub const DEFAULT_REPLAY_LIMIT: usize = 64 << 20;
+/// The first pause between reconnection attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// The longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long one connection attempt (connect plus handshake) may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What an [`NbdDev`] reports about its connection (for a log).
+pub type EventHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// How an [`NbdDev`] rides out a lost connection. See the [module docs](self).
+#[derive(Clone)]
+pub struct NbdOptions {
+    /// How long requests wait for a lost connection to be restored before they fail.
+    /// Zero fails them as soon as the connection is lost (the device still reconnects
+    /// in the background).
+    pub reconnect_window: Duration,
+    /// Acknowledged writes not yet covered by a flush are kept (up to this many bytes of
+    /// payload) to be written again after a reconnection; past it, the client flushes
+    /// on its own.
+    pub replay_limit: usize,
+    /// Called with a line of text when the connection is lost, restored, or given up.
+    pub on_event: Option<EventHook>,
 }
 
-struct Shared {
-    pending: Mutex<HashMap<u64, Pending>>,
-    dead: AtomicBool,
-}
-
-impl Shared {
-    fn fail_all(&self) {
-        self.dead.store(true, Ordering::SeqCst);
-        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        // Dropping the senders fails every waiter with "connection lost".
-        p.clear();
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            reconnect_window: DEFAULT_RECONNECT_WINDOW,
+            replay_limit: DEFAULT_REPLAY_LIMIT,
+            on_event: None,
+        }
     }
+}
+
+impl std::fmt::Debug for NbdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdOptions")
+            .field("reconnect_window", &self.reconnect_window)
+            .field("replay_limit", &self.replay_limit)
+            .finish()
+    }
+}
+
+/// One transmission request, kept until it is answered so that it can be sent again.
+#[derive(Clone)]
+struct Req {
+    cmd: Command,
+    flags: u16,
+    offset: u64,
+    len: u32,
+    data: Option<Bytes>,
+}
+
+impl Req {
+    fn modifies(&self) -> bool {
+        matches!(
+            self.cmd,
+            Command::Write | Command::Trim | Command::WriteZeroes
+        )
+    }
+
+    fn overlaps(&self, other: &Req) -> bool {
+        self.offset < other.offset + u64::from(other.len)
+            && other.offset < self.offset + u64::from(self.len)
+    }
+}
+
+/// Why a request did not succeed.
+enum Failure {
+    /// The server answered with this errno.
+    Errno(u32),
+    /// The connection is gone and was not restored in time.
+    Offline(String),
+}
+
+type Done = oneshot::Sender<Result<Bytes, Failure>>;
+
+struct Pending {
+    req: Req,
+    done: Done,
+    /// Add the request to the replay log once acknowledged (writes without FUA on a
+    /// server with a volatile cache).
+    log: bool,
+    /// A replay of a log entry by a reconnection (not anyone's request).
+    replay: bool,
+    /// For a flush: the replay log sequence number when it was issued; a success
+    /// covers every entry below it.
+    mark: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Connected; replies are accepted from the reader of this generation.
+    Up(u64),
+    /// Lost at this moment; `expired` once the reconnect window has passed.
+    Down { since: Instant, expired: bool },
+}
+
+struct State {
+    pending: HashMap<u64, Pending>,
+    link: Link,
+    generation: u64,
+    /// Why the last connection ended or the last attempt failed.
+    last_error: String,
+    /// Acknowledged writes no flush has covered yet, in acknowledgement order, by
+    /// sequence number; replayed after a reconnection.
+    log: BTreeMap<u64, Req>,
+    log_bytes: usize,
+    next_seq: u64,
+    /// A replay failed: the next flush fails, since acknowledged data may be lost.
+    replay_failed: Option<u32>,
+    flushing: bool,
+}
+
+struct Inner {
+    addr: NbdAddress,
+    info: ExportInfo,
+    block_size: u32,
+    opts: NbdOptions,
+    state: Mutex<State>,
+    /// The current connection's write half, with its generation. Held across a whole
+    /// request send, and by a reconnection while it replays and resends.
+    writer: tokio::sync::Mutex<Option<(u64, Writer)>>,
+    next_handle: AtomicU64,
+    reconnects: AtomicU64,
+    runtime: tokio::runtime::Handle,
+    /// Woken on every reply (a reconnection waits for resent writes).
+    replied: Notify,
 }
 
 /// A block device on an NBD export. See the [module docs](self).
 pub struct NbdDev {
-    addr: NbdAddress,
-    info: ExportInfo,
+    inner: Arc<Inner>,
     geometry: Geometry,
-    writer: tokio::sync::Mutex<Writer>,
-    shared: Arc<Shared>,
-    next_handle: AtomicU64,
 }
 
 impl std::fmt::Debug for NbdDev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdDev")
-            .field("addr", &self.addr)
-            .field("info", &self.info)
+            .field("addr", &self.inner.addr)
+            .field("info", &self.inner.info)
             .finish()
     }
 }
@@ -193,71 +359,94 @@ impl std::fmt::Debug for NbdDev {
 /// NBD errno values (the protocol fixes them to Linux's numbers).
 const ENOSPC: u32 = 28;
 
-impl NbdDev {
-    /// Connects, negotiates, and starts the reply reader on the current tokio runtime.
-    /// The logical block size is the server's minimum block size, at least 512.
-    pub async fn connect(addr: &NbdAddress) -> Result<Self, NbdError> {
-        let (mut reader, mut writer): (Reader, Writer) = match addr {
-            NbdAddress::Tcp { host, port, .. } => {
-                let s = tokio::net::TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(|source| NbdError::Io {
-                        what: format!("connect to {host}:{port}"),
-                        source,
-                    })?;
-                let _ = s.set_nodelay(true);
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-            NbdAddress::Unix { socket, .. } => {
-                let s = tokio::net::UnixStream::connect(socket)
-                    .await
-                    .map_err(|source| NbdError::Io {
-                        what: format!("connect to {}", socket.display()),
-                        source,
-                    })?;
-                let (r, w) = s.into_split();
-                (Box::new(r), Box::new(w))
-            }
-        };
-        let export = match addr {
-            NbdAddress::Tcp { export, .. } | NbdAddress::Unix { export, .. } => export,
-        };
-        let io_err = |what: &str| {
-            let what = what.to_string();
-            move |source| NbdError::Io { what, source }
-        };
-        let mut hs = Handshake::new(export);
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let info = loop {
-            if let Some(info) = hs.handle_input(&mut buf)? {
-                break info;
-            }
-            if let Some(out) = hs.poll_transmit() {
-                writer
-                    .write_all(&out)
-                    .await
-                    .map_err(io_err("handshake write"))?;
-                writer.flush().await.map_err(io_err("handshake write"))?;
-            }
-            let n = reader
-                .read(&mut chunk)
+/// Connects to `addr` and negotiates the export: the two halves of the stream and what
+/// the server said about the export.
+async fn open(addr: &NbdAddress) -> Result<(Reader, Writer, ExportInfo), NbdError> {
+    let (mut reader, mut writer): (Reader, Writer) = match addr {
+        NbdAddress::Tcp { host, port, .. } => {
+            let s = tokio::net::TcpStream::connect((host.as_str(), *port))
                 .await
-                .map_err(io_err("handshake read"))?;
-            if n == 0 {
-                return Err(NbdError::Protocol(
-                    "server closed the connection during the handshake".into(),
-                ));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
+                .map_err(|source| NbdError::Io {
+                    what: format!("connect to {host}:{port}"),
+                    source,
+                })?;
+            let _ = s.set_nodelay(true);
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        NbdAddress::Unix { socket, .. } => {
+            let s = tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(|source| NbdError::Io {
+                    what: format!("connect to {}", socket.display()),
+                    source,
+                })?;
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
+        }
+    };
+    let export = match addr {
+        NbdAddress::Tcp { export, .. } | NbdAddress::Unix { export, .. } => export,
+    };
+    let io_err = |what: &str| {
+        let what = what.to_string();
+        move |source| NbdError::Io { what, source }
+    };
+    let mut hs = Handshake::new(export);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let info = loop {
+        if let Some(info) = hs.handle_input(&mut buf)? {
+            break info;
+        }
         if let Some(out) = hs.poll_transmit() {
             writer
                 .write_all(&out)
                 .await
                 .map_err(io_err("handshake write"))?;
+            writer.flush().await.map_err(io_err("handshake write"))?;
         }
+        let n = reader
+            .read(&mut chunk)
+            .await
+            .map_err(io_err("handshake read"))?;
+        if n == 0 {
+            return Err(NbdError::Protocol(
+                "server closed the connection during the handshake".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    if let Some(out) = hs.poll_transmit() {
+        writer
+            .write_all(&out)
+            .await
+            .map_err(io_err("handshake write"))?;
+    }
+    Ok((reader, writer, info))
+}
+
+async fn send(w: &mut Writer, handle: u64, req: &Req) -> io::Result<()> {
+    let header = wire::encode_request(req.cmd, req.flags, handle, req.offset, req.len);
+    w.write_all(&header).await?;
+    if let Some(d) = &req.data {
+        w.write_all(d).await?;
+    }
+    w.flush().await
+}
+
+impl NbdDev {
+    /// Connects with the default [`NbdOptions`] (see [`NbdDev::connect_with`]).
+    pub async fn connect(addr: &NbdAddress) -> Result<Self, NbdError> {
+        Self::connect_with(addr, NbdOptions::default()).await
+    }
+
+    /// Connects, negotiates, and starts the reply reader on the current tokio runtime.
+    /// The logical block size is the server's minimum block size, at least 512. Only
+    /// this first connection's failure is returned; later losses are ridden out as
+    /// `opts` says.
+    pub async fn connect_with(addr: &NbdAddress, opts: NbdOptions) -> Result<Self, NbdError> {
+        let (reader, writer, info) = open(addr).await?;
         let block_size = info.min_block.max(512);
         let caps = Capabilities {
             discard: info.flags & wire::TF_SEND_TRIM != 0,
@@ -275,28 +464,45 @@ impl NbdDev {
             max_io_bytes: max_io,
             capabilities: caps,
         };
-        let shared = Arc::new(Shared {
-            pending: Mutex::new(HashMap::new()),
-            dead: AtomicBool::new(false),
-        });
-        tokio::spawn(read_replies(reader, shared.clone()));
-        Ok(NbdDev {
+        let inner = Arc::new(Inner {
             addr: addr.clone(),
             info,
-            geometry,
-            writer: tokio::sync::Mutex::new(writer),
-            shared,
+            block_size,
+            opts,
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                link: Link::Up(1),
+                generation: 1,
+                last_error: String::new(),
+                log: BTreeMap::new(),
+                log_bytes: 0,
+                next_seq: 0,
+                replay_failed: None,
+                flushing: false,
+            }),
+            writer: tokio::sync::Mutex::new(Some((1, writer))),
             next_handle: AtomicU64::new(1),
-        })
+            reconnects: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
+            replied: Notify::new(),
+        });
+        tokio::spawn(read_replies(reader, Arc::downgrade(&inner), 1));
+        Ok(NbdDev { inner, geometry })
     }
 
-    /// What the server said about the export.
+    /// What the server said about the export (at the first connection).
     pub fn export_info(&self) -> ExportInfo {
-        self.info
+        self.inner.info
     }
 
-    fn offline(&self) -> BlockError {
-        BlockError::Offline(format!("NBD connection to {} lost", self.addr.to_uri()))
+    /// How many times the connection was restored.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Whether the device is connected now.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.inner.state().link, Link::Up(_))
     }
 
     async fn request(
@@ -305,43 +511,19 @@ impl NbdDev {
         flags: u16,
         offset: u64,
         len: u32,
-        data: Option<&[u8]>,
+        data: Option<Bytes>,
     ) -> Result<Bytes, BlockError> {
-        if self.shared.dead.load(Ordering::SeqCst) {
-            return Err(self.offline());
-        }
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let read_len = if cmd == Command::Read {
-            len as usize
-        } else {
-            0
-        };
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(handle, Pending { read_len, done: tx });
-        let header = wire::encode_request(cmd, flags, handle, offset, len);
-        {
-            let mut w = self.writer.lock().await;
-            let mut res = w.write_all(&header).await;
-            if let (Ok(()), Some(d)) = (&res, data) {
-                res = w.write_all(d).await;
-            }
-            if res.is_ok() {
-                res = w.flush().await;
-            }
-            if res.is_err() {
-                self.shared.fail_all();
-                return Err(self.offline());
-            }
-        }
-        match rx.await {
-            Ok(Ok(bytes)) => Ok(bytes),
-            Ok(Err(errno)) => Err(errno_error(cmd, offset, len, errno)),
-            Err(_) => Err(self.offline()),
-        }
+        Inner::request(
+            &self.inner,
+            Req {
+                cmd,
+                flags,
+                offset,
+                len,
+                data,
+            },
+        )
+        .await
     }
 
     fn max_chunk(&self) -> u64 {
@@ -349,6 +531,436 @@ impl NbdDev {
     }
 }
 
+impl Inner {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn event(&self, text: &str) {
+        if let Some(hook) = &self.opts.on_event {
+            hook(text);
+        }
+    }
+
+    fn expired_error(&self, st: &State) -> String {
+        format!(
+            "NBD export {} unreachable for more than {} s (reconnect window): {}",
+            self.addr.to_uri(),
+            self.opts.reconnect_window.as_secs_f64(),
+            st.last_error
+        )
+    }
+
+    /// Sends `req` (or queues it for the reconnection to send) and waits for its reply.
+    async fn request(self: &Arc<Self>, req: Req) -> Result<Bytes, BlockError> {
+        let (tx, rx) = oneshot::channel();
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let cmd = req.cmd;
+        let (offset, len) = (req.offset, req.len);
+        {
+            let mut w = self.writer.lock().await;
+            let send_on = {
+                let mut st = self.state();
+                if let Link::Down { expired: true, .. } = st.link {
+                    return Err(BlockError::Offline(self.expired_error(&st)));
+                }
+                if cmd == Command::Flush {
+                    if let Some(errno) = st.replay_failed.take() {
+                        return Err(errno_error(cmd, offset, len, errno));
+                    }
+                }
+                let log = req.modifies()
+                    && req.flags & wire::CMD_FLAG_FUA == 0
+                    && self.info.flags & wire::TF_SEND_FLUSH != 0;
+                let mark = st.next_seq;
+                let payload = req.clone();
+                st.pending.insert(
+                    handle,
+                    Pending {
+                        req: payload,
+                        done: tx,
+                        log,
+                        replay: false,
+                        mark,
+                    },
+                );
+                match (st.link, w.as_ref()) {
+                    (Link::Up(g), Some((wg, _))) if g == *wg => Some(g),
+                    // Down: the reconnection sends it.
+                    _ => None,
+                }
+            };
+            if let (Some(g), Some((_, wr))) = (send_on, w.as_mut()) {
+                if let Err(e) = send(wr, handle, &req).await {
+                    *w = None;
+                    self.lost(g, &format!("write failed: {e}"));
+                }
+            }
+        }
+        match rx.await {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(Failure::Errno(errno))) => Err(errno_error(cmd, offset, len, errno)),
+            Ok(Err(Failure::Offline(why))) => Err(BlockError::Offline(why)),
+            Err(_) => Err(BlockError::Offline(format!(
+                "NBD connection to {} closed",
+                self.addr.to_uri()
+            ))),
+        }
+    }
+
+    /// The connection of generation `generation` broke: requests wait, and a
+    /// reconnection starts (once per loss).
+    fn lost(self: &Arc<Self>, generation: u64, why: &str) {
+        {
+            let mut st = self.state();
+            if st.link != Link::Up(generation) {
+                return;
+            }
+            st.link = Link::Down {
+                since: Instant::now(),
+                expired: false,
+            };
+            st.last_error = format!("connection lost: {why}");
+            if self.opts.reconnect_window.is_zero() {
+                expire(self, &mut st);
+            }
+        }
+        self.replied.notify_waiters();
+        self.event(&format!(
+            "NBD connection to {} lost ({why}); reconnecting, requests wait up to {} s",
+            self.addr.to_uri(),
+            self.opts.reconnect_window.as_secs_f64()
+        ));
+        self.runtime
+            .spawn(reconnect(Arc::downgrade(self), self.opts.reconnect_window));
+    }
+
+    /// Takes the reply for `handle` on the connection of `generation`.
+    fn complete(
+        self: &Arc<Self>,
+        generation: u64,
+        handle: u64,
+        result: Result<Bytes, u32>,
+    ) -> Expect {
+        let mut flush = false;
+        {
+            let mut st = self.state();
+            if st.link != Link::Up(generation) {
+                // A late reply on a connection given up: its request is resent.
+                return Expect::Stale;
+            }
+            let Some(p) = st.pending.remove(&handle) else {
+                return Expect::Unknown;
+            };
+            match result {
+                Ok(data) => {
+                    if p.log {
+                        let seq = st.next_seq;
+                        st.next_seq += 1;
+                        st.log_bytes += p.req.data.as_ref().map_or(0, Bytes::len);
+                        st.log.insert(seq, p.req);
+                        if st.log_bytes > self.opts.replay_limit && !st.flushing {
+                            st.flushing = true;
+                            flush = true;
+                        }
+                    } else if p.req.cmd == Command::Flush {
+                        let kept = st.log.split_off(&p.mark);
+                        st.log = kept;
+                        st.log_bytes = st
+                            .log
+                            .values()
+                            .map(|r| r.data.as_ref().map_or(0, Bytes::len))
+                            .sum();
+                    }
+                    let _ = p.done.send(Ok(data));
+                }
+                Err(errno) => {
+                    let _ = p.done.send(Err(Failure::Errno(errno)));
+                }
+            }
+        }
+        self.replied.notify_waiters();
+        if flush {
+            // Bound the replay log: a flush of our own covers what it holds.
+            let me = self.clone();
+            self.runtime.spawn(async move {
+                let req = Req {
+                    cmd: Command::Flush,
+                    flags: 0,
+                    offset: 0,
+                    len: 0,
+                    data: None,
+                };
+                let _ = me.request(req).await;
+                me.state().flushing = false;
+            });
+        }
+        Expect::Reply(0)
+    }
+
+    /// What a reply for `handle` on the connection of `generation` carries.
+    fn expect(&self, generation: u64, handle: u64) -> Expect {
+        let st = self.state();
+        if st.link != Link::Up(generation) {
+            return Expect::Stale;
+        }
+        match st.pending.get(&handle) {
+            Some(p) if p.req.cmd == Command::Read => Expect::Reply(p.req.len as usize),
+            Some(_) => Expect::Reply(0),
+            None => Expect::Unknown,
+        }
+    }
+}
+
+/// What the reader makes of a reply header.
+enum Expect {
+    /// A pending request; a successful reply carries this many bytes.
+    Reply(usize),
+    /// This connection was given up: the reader stops.
+    Stale,
+    /// Nothing we asked: the stream cannot be trusted.
+    Unknown,
+}
+
+/// Fails every waiting request: the reconnect window has passed.
+fn expire(inner: &Inner, st: &mut State) {
+    if let Link::Down { since, .. } = st.link {
+        st.link = Link::Down {
+            since,
+            expired: true,
+        };
+    }
+    let why = inner.expired_error(st);
+    for (_, p) in st.pending.drain() {
+        let _ = p.done.send(Err(Failure::Offline(why.clone())));
+    }
+}
+
+/// Restores a lost connection: attempts with backoff; when one succeeds (same size and
+/// block size), replays the unflushed writes, resends the unanswered requests (flushes
+/// last, once the writes before them are acknowledged), and lets new requests through.
+/// Past `window`, waiting requests fail; the attempts go on.
+async fn reconnect(weak: Weak<Inner>, window: Duration) {
+    let mut backoff = FIRST_BACKOFF;
+    let attempt_timeout = ATTEMPT_TIMEOUT.min(window.max(Duration::from_secs(1)));
+    let (reader, writer) = loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let attempt = tokio::time::timeout(attempt_timeout, open(&inner.addr)).await;
+        let result = match attempt {
+            Ok(Ok((r, w, info))) => {
+                if info.size != inner.info.size || info.min_block.max(512) != inner.block_size {
+                    Err(NbdError::ExportChanged {
+                        export: inner.addr.to_uri(),
+                        was: (inner.info.size, inner.block_size),
+                        now: (info.size, info.min_block.max(512)),
+                    })
+                } else {
+                    Ok((r, w))
+                }
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(NbdError::Protocol(format!(
+                "no answer within {} s",
+                attempt_timeout.as_secs_f64()
+            ))),
+        };
+        match result {
+            Ok(conn) => break conn,
+            Err(e) => {
+                let gave_up = {
+                    let mut st = inner.state();
+                    st.last_error = format!("last attempt: {e}");
+                    match st.link {
+                        Link::Down {
+                            since,
+                            expired: false,
+                        } if since.elapsed() >= window => {
+                            expire(&inner, &mut st);
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if gave_up {
+                    inner.event(&format!(
+                        "NBD export {} not back within {} s ({e}): requests fail until it is",
+                        inner.addr.to_uri(),
+                        window.as_secs_f64()
+                    ));
+                }
+            }
+        }
+        drop(inner);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    };
+    let Some(inner) = weak.upgrade() else { return };
+    let mut w = inner.writer.lock().await;
+    let (generation, replays, resend, flushes, outage) = {
+        let mut st = inner.state();
+        let outage = match st.link {
+            Link::Down { since, .. } => since.elapsed(),
+            Link::Up(_) => Duration::ZERO,
+        };
+        st.generation += 1;
+        let g = st.generation;
+        st.link = Link::Up(g);
+        // Replays of an attempt that broke off: the log still holds them, and resending
+        // them after newer writes could undo those.
+        st.pending.retain(|_, p| !p.replay);
+        let replays: Vec<Req> = st.log.values().cloned().collect();
+        let mut resend = Vec::new();
+        let mut flushes = Vec::new();
+        for (&h, p) in &st.pending {
+            if p.req.cmd == Command::Flush {
+                flushes.push((h, p.req.clone()));
+            } else {
+                resend.push((h, p.req.clone()));
+            }
+        }
+        (g, replays, resend, flushes, outage)
+    };
+    *w = Some((generation, writer));
+    tokio::spawn(read_replies(reader, weak.clone(), generation));
+    let Some((_, wr)) = w.as_mut() else { return };
+    let fail = |inner: &Arc<Inner>, e: &str| inner.lost(generation, e);
+
+    // 1. Writes acknowledged on an earlier connection but never flushed: the server may
+    //    have lost them with its cache. Written again in their order (overlapping ones
+    //    one after the other), all acknowledged before anything else is sent.
+    let mut in_flight: Vec<(Req, oneshot::Receiver<Result<Bytes, Failure>>)> = Vec::new();
+    let n_replays = replays.len();
+    for req in replays {
+        if in_flight.iter().any(|(r, _)| r.overlaps(&req))
+            && !drain_replays(&inner, &mut in_flight).await
+        {
+            return;
+        }
+        let handle = inner.next_handle.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        inner.state().pending.insert(
+            handle,
+            Pending {
+                req: req.clone(),
+                done: tx,
+                log: false,
+                replay: true,
+                mark: 0,
+            },
+        );
+        if let Err(e) = send(wr, handle, &req).await {
+            // Not a request of anyone's: the log still holds it.
+            inner.state().pending.remove(&handle);
+            return fail(&inner, &format!("write failed: {e}"));
+        }
+        in_flight.push((req, rx));
+    }
+    if !drain_replays(&inner, &mut in_flight).await {
+        return;
+    }
+
+    // 2. The requests that were unanswered or issued meanwhile, flushes held back.
+    let mut writes = Vec::new();
+    for (h, req) in &resend {
+        if let Err(e) = send(wr, *h, req).await {
+            return fail(&inner, &format!("write failed: {e}"));
+        }
+        if req.modifies() {
+            writes.push(*h);
+        }
+    }
+    // 3. A flush succeeds only once every write before it is acknowledged here.
+    if !flushes.is_empty() {
+        loop {
+            let notified = inner.replied.notified();
+            {
+                let st = inner.state();
+                if st.link != Link::Up(generation) {
+                    return;
+                }
+                if !writes.iter().any(|h| st.pending.contains_key(h)) {
+                    break;
+                }
+            }
+            notified.await;
+        }
+        for (h, req) in &flushes {
+            if let Err(e) = send(wr, *h, req).await {
+                return fail(&inner, &format!("write failed: {e}"));
+            }
+        }
+    }
+    inner.reconnects.fetch_add(1, Ordering::Relaxed);
+    drop(w);
+    inner.event(&format!(
+        "NBD connection to {} restored after {:.1} s: {} unflushed writes replayed, {} requests resent",
+        inner.addr.to_uri(),
+        outage.as_secs_f64(),
+        n_replays,
+        resend.len() + flushes.len()
+    ));
+}
+
+/// Waits for the replays in flight. False when the connection broke meanwhile.
+async fn drain_replays(
+    inner: &Arc<Inner>,
+    in_flight: &mut Vec<(Req, oneshot::Receiver<Result<Bytes, Failure>>)>,
+) -> bool {
+    for (_, rx) in in_flight.drain(..) {
+        match rx.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(Failure::Errno(errno))) => {
+                // Acknowledged data the server could not write again: the next flush
+                // reports it.
+                inner.state().replay_failed = Some(errno);
+            }
+            Ok(Err(Failure::Offline(_))) | Err(_) => return false,
+        }
+    }
+    true
+}
+
+async fn read_replies(mut reader: Reader, weak: Weak<Inner>, generation: u64) {
+    let mut header = [0u8; 16];
+    let why = loop {
+        if let Err(e) = reader.read_exact(&mut header).await {
+            break if e.kind() == io::ErrorKind::UnexpectedEof {
+                "the server closed the connection".to_string()
+            } else {
+                format!("read failed: {e}")
+            };
+        }
+        let (errno, handle) = match wire::parse_simple_reply(&header) {
+            Ok(r) => r,
+            Err(e) => break e.to_string(),
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        let read_len = match inner.expect(generation, handle) {
+            Expect::Reply(n) => n,
+            Expect::Stale => return,
+            Expect::Unknown => break format!("reply to unknown handle {handle}"),
+        };
+        let result = if errno != 0 {
+            Err(errno)
+        } else {
+            let mut data = BytesMut::zeroed(read_len);
+            if read_len > 0 {
+                if let Err(e) = reader.read_exact(&mut data).await {
+                    break format!("read failed: {e}");
+                }
+            }
+            Ok(data.freeze())
+        };
+        match inner.complete(generation, handle, result) {
+            Expect::Reply(_) => {}
+            Expect::Stale => return,
+            Expect::Unknown => break format!("reply to unknown handle {handle}"),
+        }
+    };
+    if let Some(inner) = weak.upgrade() {
+        inner.lost(generation, &why);
+    }
+}
 fn errno_error(cmd: Command, offset: u64, len: u32, errno: u32) -> BlockError {
     if errno == ENOSPC {
         return BlockError::NoSpace;
@@ -367,37 +979,6 @@ fn errno_error(cmd: Command, offset: u64, len: u32, errno: u32) -> BlockError {
         u64::from(len),
         io::Error::from_raw_os_error(errno as i32),
     )
-}
-
-async fn read_replies(mut reader: Reader, shared: Arc<Shared>) {
-    let mut header = [0u8; 16];
-    loop {
-        if reader.read_exact(&mut header).await.is_err() {
-            break;
-        }
-        let Ok((errno, handle)) = wire::parse_simple_reply(&header) else {
-            break;
-        };
-        let pending = shared
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&handle);
-        let Some(p) = pending else {
-            // A reply to nothing we asked: the stream cannot be trusted any more.
-            break;
-        };
-        if errno != 0 {
-            let _ = p.done.send(Err(errno));
-            continue;
-        }
-        let mut data = BytesMut::zeroed(p.read_len);
-        if p.read_len > 0 && reader.read_exact(&mut data).await.is_err() {
-            break;
-        }
-        let _ = p.done.send(Ok(data.freeze()));
-    }
-    shared.fail_all();
 }
 
 #[async_trait]
@@ -437,18 +1018,20 @@ impl BlockDev for NbdDev {
         if self.geometry.capabilities.read_only {
             return Err(BlockError::ReadOnly);
         }
-        let fua = flags.fua && self.info.flags & wire::TF_SEND_FUA != 0;
+        let fua = flags.fua && self.inner.info.flags & wire::TF_SEND_FUA != 0;
         let chunk = self.max_chunk() as usize;
-        for (i, part) in data.chunks(chunk).enumerate() {
-            let off = offset + (i * chunk) as u64;
+        let mut done = 0;
+        while done < data.len() {
+            let n = chunk.min(data.len() - done);
             self.request(
                 Command::Write,
                 if fua { wire::CMD_FLAG_FUA } else { 0 },
-                off,
-                part.len() as u32,
-                Some(part),
+                offset + done as u64,
+                n as u32,
+                Some(data.slice(done..done + n)),
             )
             .await?;
+            done += n;
         }
         if flags.fua && !fua {
             self.flush().await?;
@@ -457,7 +1040,7 @@ impl BlockDev for NbdDev {
     }
 
     async fn flush(&self) -> basalt_blockdev::Result<()> {
-        if self.info.flags & wire::TF_SEND_FLUSH == 0 {
+        if self.inner.info.flags & wire::TF_SEND_FLUSH == 0 {
             return Ok(());
         }
         self.request(Command::Flush, 0, 0, 0, None)
@@ -492,14 +1075,14 @@ impl BlockDev for NbdDev {
         if self.geometry.capabilities.read_only {
             return Err(BlockError::ReadOnly);
         }
-        if self.info.flags & wire::TF_SEND_WRITE_ZEROES != 0 {
+        if self.inner.info.flags & wire::TF_SEND_WRITE_ZEROES != 0 {
             let mut f = if flags.may_unmap {
                 0
             } else {
                 wire::CMD_FLAG_NO_HOLE
             };
             if flags.fast_only {
-                if self.info.flags & wire::TF_SEND_FAST_ZERO == 0 {
+                if self.inner.info.flags & wire::TF_SEND_FAST_ZERO == 0 {
                     return Err(BlockError::Unsupported("the NBD server has no fast zero"));
                 }
                 f |= wire::CMD_FLAG_FAST_ZERO;
@@ -551,11 +1134,14 @@ impl BlockDev for NbdDev {
 impl Drop for NbdDev {
     fn drop(&mut self) {
         // Best effort NBD_CMD_DISC; the server also copes with a plain close.
-        if let Ok(mut w) = self.writer.try_lock() {
+        if let Ok(mut guard) = self.inner.writer.try_lock() {
+            let Some((_, w)) = guard.as_mut() else {
+                return;
+            };
             let h = wire::encode_request(Command::Disconnect, 0, 0, 0, 0);
             let waker = futures::task::noop_waker();
             let mut cx = std::task::Context::from_waker(&waker);
-            let _ = std::pin::Pin::new(&mut *w).poll_write(&mut cx, &h);
+            let _ = std::pin::Pin::new(w).poll_write(&mut cx, &h);
         }
     }
 }
