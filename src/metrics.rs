@@ -552,6 +552,12 @@ fn storage_families(s: &StorageMetrics) -> Vec<MetricFamily> {
             |m| m.member_errors_total as f64,
         ));
         f.push(per(
+            "basalt_md_member_read_errors_corrected_total",
+            "Member read errors corrected by rewriting the data from redundancy.",
+            MetricType::COUNTER,
+            |m| m.read_errors_corrected_total as f64,
+        ));
+        f.push(per(
             "basalt_md_journal_writes_total",
             "Write-hole journal writes.",
             MetricType::COUNTER,

@@ -15,6 +15,8 @@
 //!   write-zeroes and the write half of compare-and-write; `Flush` covers flushes, which
 //!   match whatever the rule's range (a flush covers the whole device); `Any` covers all.
 //!   Rules are tried in the order they were added and the first that fires wins.
+//!   A rule made with [`ErrorRule::until_rewritten`] models a bad sector the drive
+//!   remaps on write: a successful write over part of its range heals that part.
 //!   With a fixed seed and the same sequence of requests the same requests fail; with
 //!   concurrent requests the sequence depends on scheduling, so reproducible tests issue
 //!   the requests they inject into one at a time.
@@ -104,6 +106,10 @@ pub struct ErrorRule {
     pub times: Times,
     /// Chance that a matching request fails (1.0: every one).
     pub probability: f64,
+    /// Models a bad sector the drive remaps when it is written: a successful write
+    /// (or discard, write-zeroes, compare-and-write) over part of the range removes
+    /// that part from the rule; the rule retires when nothing is left.
+    pub until_rewritten: bool,
 }
 
 impl ErrorRule {
@@ -114,6 +120,7 @@ impl ErrorRule {
             range: 0..u64::MAX,
             times: Times::Always,
             probability: 1.0,
+            until_rewritten: false,
         }
     }
 
@@ -137,6 +144,13 @@ impl ErrorRule {
     /// Each matching request fails with probability `p`.
     pub fn probability(mut self, p: f64) -> Self {
         self.probability = p;
+        self
+    }
+
+    /// Writing part of the range heals that part (a remapped bad sector); see
+    /// [`ErrorRule::until_rewritten`](ErrorRule#structfield.until_rewritten).
+    pub fn until_rewritten(mut self) -> Self {
+        self.until_rewritten = true;
         self
     }
 }
@@ -492,6 +506,48 @@ impl FaultDev {
         Ok(())
     }
 
+    /// A write of `[offset, offset + len)` succeeded: rules healed by rewriting lose
+    /// that part of their range.
+    fn rewritten(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let mut st = self.state();
+        let mut i = 0;
+        while i < st.rules.len() {
+            let r = &st.rules[i];
+            if !r.rule.until_rewritten || !overlaps(&r.rule.range, offset, len) {
+                i += 1;
+                continue;
+            }
+            let range = r.rule.range.clone();
+            let left = range.start..offset.min(range.end);
+            let right = end.max(range.start)..range.end;
+            match (left.is_empty(), right.is_empty()) {
+                (true, true) => {
+                    st.rules.remove(i);
+                    continue;
+                }
+                (false, true) => st.rules[i].rule.range = left,
+                (true, false) => st.rules[i].rule.range = right,
+                (false, false) => {
+                    let (id, remaining) = (st.rules[i].id, st.rules[i].remaining);
+                    let mut rule = st.rules[i].rule.clone();
+                    st.rules[i].rule.range = left;
+                    rule.range = right;
+                    st.rules.insert(
+                        i + 1,
+                        ActiveRule {
+                            id,
+                            rule,
+                            remaining,
+                        },
+                    );
+                    i += 1;
+                }
+            }
+            i += 1;
+        }
+    }
+
     /// Reads through the cache: the inner device's data patched with cached blocks.
     async fn read_through(&self, offset: u64, len: usize) -> Result<Bytes> {
         let bs = self.bs();
@@ -673,7 +729,9 @@ impl BlockDev for FaultDev {
         self.enter(Access::Write).await?;
         self.inject(Access::Write, "write", offset, len)?;
         let _range = self.locks.shared(offset, len).await;
-        self.write_locked(offset, data, flags).await
+        self.write_locked(offset, data, flags).await?;
+        self.rewritten(offset, len);
+        Ok(())
     }
 
     async fn flush(&self) -> Result<()> {
@@ -694,6 +752,7 @@ impl BlockDev for FaultDev {
         self.state().online()?;
         self.inner.discard(offset, len).await?;
         self.uncache(offset, len);
+        self.rewritten(offset, len);
         Ok(())
     }
 
@@ -708,6 +767,7 @@ impl BlockDev for FaultDev {
         self.state().online()?;
         self.inner.write_zeroes(offset, len, flags).await?;
         self.uncache(offset, len);
+        self.rewritten(offset, len);
         Ok(())
     }
 
@@ -731,6 +791,7 @@ impl BlockDev for FaultDev {
         self.enter(Access::Write).await?;
         self.inject(Access::Write, "compare_and_write", offset, len)?;
         self.write_locked(offset, data, flags).await?;
+        self.rewritten(offset, len);
         Ok(CompareOutcome::Written)
     }
 
@@ -856,6 +917,40 @@ mod tests {
         assert!(is_eio(&dev.flush().await), "Any covers flushes");
         dev.clear_rules();
         dev.read(0, BS as usize).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn rule_until_rewritten_heals_what_is_written() {
+        let dev = FaultDev::new(mem(64));
+        let id = dev.add_rule(
+            ErrorRule::new(FaultOp::Read)
+                .range(4 * BS..10 * BS)
+                .until_rewritten(),
+        );
+        assert!(is_eio(&dev.read(4 * BS, BS as usize).await));
+        // A failed write heals nothing.
+        dev.add_rule(ErrorRule::new(FaultOp::Write).range(6 * BS..7 * BS).once());
+        assert!(is_eio(
+            &dev.write(6 * BS, pattern(1, BS as usize), NO).await
+        ));
+        assert!(is_eio(&dev.read(6 * BS, BS as usize).await));
+        // Rewriting the middle leaves both ends bad.
+        dev.write(6 * BS, pattern(1, 2 * BS as usize), NO)
+            .await
+            .unwrap();
+        assert_reads(&dev, 6 * BS, &pattern(1, 2 * BS as usize), "remapped").await;
+        assert!(is_eio(&dev.read(5 * BS, BS as usize).await));
+        assert!(is_eio(&dev.read(8 * BS, BS as usize).await));
+        dev.write_zeroes(4 * BS, 2 * BS, ZeroFlags::default())
+            .await
+            .unwrap();
+        dev.read(4 * BS, 4 * BS as usize).await.unwrap();
+        assert!(is_eio(&dev.read(9 * BS, BS as usize).await));
+        dev.write(8 * BS, pattern(2, 2 * BS as usize), FUA)
+            .await
+            .unwrap();
+        dev.read(0, 64 * BS as usize).await.unwrap();
+        assert!(!dev.remove_rule(id), "retired once fully rewritten");
     }
 
     async fn failure_pattern(seed: u64) -> Vec<bool> {

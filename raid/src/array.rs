@@ -78,7 +78,25 @@ pub struct ArrayConfig {
     pub io_timeout: Duration,
     /// Background job rate limit in bytes per second (default none).
     pub rate_limit: Option<u64>,
+    /// Read errors a member may have (corrected from redundancy) before it is failed,
+    /// counted over a decaying window (md's `max_read_errors`, default 20).
+    pub max_read_errors: u32,
+    /// The read error count halves every this long (default one hour, as md).
+    pub read_error_decay: Duration,
 }
+
+/// When corrected read errors fail a member: more than `max` within the decaying
+/// window (the count halves every `decay`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadErrorPolicy {
+    pub max: u32,
+    pub decay: Duration,
+}
+
+/// The default of [`ArrayConfig::max_read_errors`] (md's).
+pub(crate) const DEFAULT_MAX_READ_ERRORS: u32 = 20;
+/// The default of [`ArrayConfig::read_error_decay`] (md's).
+pub(crate) const DEFAULT_READ_ERROR_DECAY: Duration = Duration::from_secs(3600);
 
 impl ArrayConfig {
     /// Defaults for `name` at `level`.
@@ -95,7 +113,17 @@ impl ArrayConfig {
             assume_clean: false,
             io_timeout: Duration::from_secs(30),
             rate_limit: None,
+            max_read_errors: DEFAULT_MAX_READ_ERRORS,
+            read_error_decay: DEFAULT_READ_ERROR_DECAY,
         }
+    }
+
+    /// Sets the read error threshold: more than `max` read errors on a member within
+    /// the window (the count halves every `decay`) fail it.
+    pub fn read_errors(mut self, max: u32, decay: Duration) -> Self {
+        self.max_read_errors = max;
+        self.read_error_decay = decay;
+        self
     }
 
     /// Sets the chunk size.
@@ -124,6 +152,10 @@ pub(crate) struct Member {
     pub label: String,
     pub errors: AtomicU64,
     pub csums: Csums,
+    /// Read errors in the decaying window: (count, start of the current period).
+    pub read_errors: Mutex<(u64, Instant)>,
+    /// Read errors corrected by rewriting from redundancy.
+    pub corrected: AtomicU64,
 }
 
 impl Member {
@@ -134,6 +166,8 @@ impl Member {
             label: d.label.clone(),
             errors: AtomicU64::new(0),
             csums: Csums::new(meta.csum_offset),
+            read_errors: Mutex::new((0, Instant::now())),
+            corrected: AtomicU64::new(0),
         })
     }
 }
@@ -183,6 +217,7 @@ pub(crate) struct Inner {
     pub checksums: bool,
     pub geometry: Geometry,
     pub io_timeout: Duration,
+    pub read_error_policy: ReadErrorPolicy,
     pub state: Mutex<State>,
     pub sb: tokio::sync::Mutex<SbWriter>,
     pub locks: RangeLocks,
@@ -779,44 +814,6 @@ impl Inner {
         Ok(())
     }
 
-    /// Reads `len` bytes at chunk offset `off` (absolute member offset) from the given
-    /// roles; a failure marks the member faulty and asks for a retry.
-    pub(crate) async fn read_roles(
-        &self,
-        view: &[Option<Arc<Member>>],
-        roles: &[usize],
-        off: u64,
-        len: usize,
-    ) -> std::result::Result<Vec<Bytes>, Step> {
-        let results = join_all(roles.iter().map(|&r| {
-            let m = view[r].clone();
-            async move {
-                match m {
-                    Some(m) => self.mread(&m, off, len).await,
-                    None => Err(BlockError::Offline("member not usable".into())),
-                }
-            }
-        }))
-        .await;
-        let mut out = Vec::with_capacity(roles.len());
-        let mut retry = false;
-        for (&r, res) in roles.iter().zip(results) {
-            match res {
-                Ok(b) => out.push(b),
-                Err(e) => {
-                    if let Some(m) = &view[r] {
-                        self.member_failed(r, m, &e).await;
-                    }
-                    retry = true;
-                }
-            }
-        }
-        if retry {
-            return Err(Step::Retry);
-        }
-        Ok(out)
-    }
-
     /// New parity (and the data to write) for a partial or full update of rows
     /// `[lo, lo + len)` of stripe `s`: full-stripe, read-modify-write, reconstruct-write
     /// (whichever reads less), or the degraded path.
@@ -831,7 +828,6 @@ impl Inner {
     ) -> std::result::Result<Vec<(usize, Option<Bytes>)>, Step> {
         let k = map.columns.len();
         let np = self.layout.level.parity_count();
-        let off = self.data_off(s, lo);
         let kern = Kernel::best();
         let alive = |pos: usize| view[Self::role_at(map, pos)].is_some();
         let written: Vec<usize> = (0..k).filter(|&c| new[c].is_some()).collect();
@@ -855,7 +851,7 @@ impl Inner {
             let mut roles: Vec<usize> = written.iter().map(|&c| map.columns[c][0]).collect();
             roles.extend(map.p);
             roles.extend(map.q);
-            let old = self.read_roles(view, &roles, off, len).await?;
+            let old = self.read_rows(s, map, view, &roles, lo, len, false).await?;
             let w = written.len();
             p.as_mut_slice().copy_from_slice(&old[w]);
             if np == 2 {
@@ -875,7 +871,7 @@ impl Inner {
             self.metrics.rcw_writes.fetch_add(1, Relaxed);
             let unwritten: Vec<usize> = (0..k).filter(|c| new[*c].is_none()).collect();
             let roles: Vec<usize> = unwritten.iter().map(|&c| map.columns[c][0]).collect();
-            let old = self.read_roles(view, &roles, off, len).await?;
+            let old = self.read_rows(s, map, view, &roles, lo, len, false).await?;
             let mut it = old.iter();
             let data: Vec<&[u8]> = (0..k)
                 .map(|c| match &new[c] {
@@ -889,7 +885,7 @@ impl Inner {
             self.metrics.degraded_writes.fetch_add(1, Relaxed);
             let positions: Vec<usize> = (0..k + np).filter(|&i| alive(i)).collect();
             let roles: Vec<usize> = positions.iter().map(|&i| Self::role_at(map, i)).collect();
-            let old = self.read_roles(view, &roles, off, len).await?;
+            let old = self.read_rows(s, map, view, &roles, lo, len, false).await?;
             let mut bufs: Vec<Option<Vec<u8>>> = vec![None; k + np];
             for (&i, b) in positions.iter().zip(&old) {
                 bufs[i] = Some(b.to_vec());
@@ -1153,9 +1149,7 @@ impl Inner {
             positions.push(k + 1);
         }
         let roles: Vec<usize> = positions.iter().map(|&i| Self::role_at(map, i)).collect();
-        let got = self
-            .read_roles(view, &roles, self.data_off(s, lo), len)
-            .await?;
+        let got = self.read_rows(s, map, view, &roles, lo, len, false).await?;
         let mut bufs: Vec<Option<Vec<u8>>> = vec![None; k + np];
         for (&i, b) in positions.iter().zip(&got) {
             bufs[i] = Some(b.to_vec());
@@ -1174,7 +1168,6 @@ impl Inner {
 
     async fn read_piece(&self, p: crate::layout::Piece) -> Result<Bytes> {
         let map = self.layout.stripe_map(p.stripe);
-        let off = self.data_off(p.stripe, p.chunk_offset);
         loop {
             self.check_usable()?;
             let view = self.view(p.stripe);
@@ -1185,15 +1178,24 @@ impl Inner {
                 .collect();
             if !copies.is_empty() {
                 let role = copies[(p.stripe as usize + p.column) % copies.len()];
-                let Some(m) = view[role].clone() else {
-                    continue;
-                };
-                match self.mread(&m, off, p.len as usize).await {
-                    Ok(b) => return Ok(b),
-                    Err(e) => {
-                        self.member_failed(role, &m, &e).await;
-                        continue;
-                    }
+                match self
+                    .read_rows(
+                        p.stripe,
+                        &map,
+                        &view,
+                        &[role],
+                        p.chunk_offset,
+                        p.len as usize,
+                        false,
+                    )
+                    .await
+                {
+                    Ok(mut v) => match v.pop() {
+                        Some(b) => return Ok(b),
+                        None => continue,
+                    },
+                    Err(Step::Retry) => continue,
+                    Err(Step::Fatal(e)) => return Err(e),
                 }
             }
             if map.p.is_none() {
@@ -1392,6 +1394,7 @@ pub(crate) struct InnerParts {
     pub journal: bool,
     pub checksums: bool,
     pub io_timeout: Duration,
+    pub read_error_policy: ReadErrorPolicy,
     pub state: State,
     pub events: u64,
     pub next_seq: u64,
@@ -1425,6 +1428,7 @@ impl Array {
             checksums: p.checksums,
             geometry,
             io_timeout: p.io_timeout,
+            read_error_policy: p.read_error_policy,
             state: Mutex::new(p.state),
             sb: tokio::sync::Mutex::new(SbWriter {
                 events: p.events,

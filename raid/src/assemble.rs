@@ -105,6 +105,10 @@ pub struct AssembleOptions {
     pub io_timeout: Duration,
     /// Background job rate limit in bytes per second.
     pub rate_limit: Option<u64>,
+    /// See [`ArrayConfig::max_read_errors`](crate::ArrayConfig::max_read_errors).
+    pub max_read_errors: u32,
+    /// See [`ArrayConfig::read_error_decay`](crate::ArrayConfig::read_error_decay).
+    pub read_error_decay: Duration,
 }
 
 impl Default for AssembleOptions {
@@ -113,6 +117,8 @@ impl Default for AssembleOptions {
             array: None,
             io_timeout: Duration::from_secs(30),
             rate_limit: None,
+            max_read_errors: crate::array::DEFAULT_MAX_READ_ERRORS,
+            read_error_decay: crate::array::DEFAULT_READ_ERROR_DECAY,
         }
     }
 }
@@ -320,6 +326,10 @@ async fn assemble_one(
         journal,
         checksums: newest.flags & FLAG_CHECKSUMS != 0,
         io_timeout: opts.io_timeout,
+        read_error_policy: crate::array::ReadErrorPolicy {
+            max: opts.max_read_errors,
+            decay: opts.read_error_decay,
+        },
         state,
         events: newest.events,
         next_seq: newest.journal_checkpoint,
@@ -682,6 +692,10 @@ pub(crate) async fn create(
         journal,
         checksums,
         io_timeout: config.io_timeout,
+        read_error_policy: crate::array::ReadErrorPolicy {
+            max: config.max_read_errors,
+            decay: config.read_error_decay,
+        },
         state: State {
             slots,
             spares,

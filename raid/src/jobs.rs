@@ -591,7 +591,7 @@ impl Inner {
                     srcs.push((*role, src));
                 }
                 let roles: Vec<usize> = srcs.iter().map(|x| x.1).collect();
-                match self.read_roles(&view, &roles, off, len).await {
+                match self.read_window(a, b, &view, &roles).await {
                     Ok(got) => {
                         for ((role, _), d) in srcs.iter().zip(got) {
                             outs.push((*role, d));
@@ -604,7 +604,7 @@ impl Inner {
                 let roles: Vec<usize> = (0..self.layout.members)
                     .filter(|&r| view[r].is_some())
                     .collect();
-                let got = match self.read_roles(&view, &roles, off, len).await {
+                let got = match self.read_window(a, b, &view, &roles).await {
                     Ok(g) => g,
                     Err(Step::Retry) => continue,
                     Err(Step::Fatal(e)) => return Err(e),
@@ -780,9 +780,21 @@ impl Inner {
                 rep.skipped_stripes = 1;
                 return Ok(rep);
             }
-            match self.read_roles(&view, &roles, off, chunk).await {
+            // A medium error is corrected here as on any read (check mode too, as md).
+            match self
+                .read_rows(s, &map, &view, &roles, 0, chunk, false)
+                .await
+            {
                 Ok(g) => break (view, g),
                 Err(Step::Retry) => continue,
+                Err(Step::Fatal(e @ basalt_blockdev::BlockError::Io { .. })) => {
+                    // Unreadable and not rebuildable (more bad rows than redundancy):
+                    // nothing to compare; the error is logged, the scrub goes on.
+                    tracing::warn!(array = %self.name, stripe = s, "scrub: {e}");
+                    rep.stripes = 1;
+                    rep.uncorrectable = 1;
+                    return Ok(rep);
+                }
                 Err(Step::Fatal(e)) => return Err(e),
             }
         };

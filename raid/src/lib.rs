@@ -35,6 +35,7 @@ mod jobs;
 pub mod journal;
 pub mod layout;
 pub mod parity;
+mod repair;
 mod status;
 pub mod superblock;
 

@@ -13,6 +13,7 @@
 //! basalt_md_io_bytes_total{array="pool0",op="read|write|journal"}
 //! basalt_md_stripe_writes_total{array="pool0",kind="full|rmw|rcw|degraded"}
 //! basalt_md_degraded_reads_total, basalt_md_member_errors_total,
+//! basalt_md_member_read_errors_corrected_total,
 //! basalt_md_scrub_mismatches, basalt_md_scrub_repaired_total
 //! ```
 
@@ -73,8 +74,13 @@ pub struct MemberStatus {
     pub state: RoleState,
     /// True for a spare.
     pub spare: bool,
-    /// I/O errors seen on it.
+    /// I/O errors seen on it (corrected read errors included).
     pub errors: u64,
+    /// Read errors corrected by rewriting the rows from redundancy (this run).
+    pub read_errors_corrected: u64,
+    /// Read errors in the current decaying window; above the array's limit
+    /// (`ArrayConfig::max_read_errors`) the member is failed.
+    pub recent_read_errors: u64,
     /// Bytes of its data area rebuilt so far (while rebuilding).
     pub rebuilt_bytes: Option<u64>,
 }
@@ -235,6 +241,8 @@ pub struct ArrayMetrics {
     pub journal_replayed: AtomicU64,
     /// Member I/O errors.
     pub member_errors: AtomicU64,
+    /// Member read errors corrected by rewriting from redundancy.
+    pub read_errors_corrected: AtomicU64,
     /// Bytes processed by rebuild, resync and scrub.
     pub sync_bytes: AtomicU64,
     /// Mismatches found by the running or last scrub.
@@ -271,6 +279,7 @@ pub struct MetricsSnapshot {
     pub journal_checkpoints_total: u64,
     pub journal_replayed_total: u64,
     pub member_errors_total: u64,
+    pub read_errors_corrected_total: u64,
     pub sync_bytes_total: u64,
     pub scrub_mismatches: u64,
     pub scrub_repaired_total: u64,
@@ -301,6 +310,8 @@ impl Array {
                 },
                 spare: false,
                 errors: s.member.as_ref().map_or(0, |m| m.errors.load(Relaxed)),
+                read_errors_corrected: s.member.as_ref().map_or(0, |m| m.corrected.load(Relaxed)),
+                recent_read_errors: s.member.as_ref().map_or(0, |m| i.recent_read_errors(m)),
                 rebuilt_bytes: (s.state == RoleState::Rebuilding)
                     .then(|| s.recovery * i.layout.chunk),
             })
@@ -315,6 +326,8 @@ impl Array {
                 state: RoleState::InSync,
                 spare: true,
                 errors: m.errors.load(Relaxed),
+                read_errors_corrected: m.corrected.load(Relaxed),
+                recent_read_errors: i.recent_read_errors(m),
                 rebuilt_bytes: None,
             })
             .collect();
@@ -406,6 +419,7 @@ impl Array {
             journal_checkpoints_total: m.journal_checkpoints.load(Relaxed),
             journal_replayed_total: m.journal_replayed.load(Relaxed),
             member_errors_total: m.member_errors.load(Relaxed),
+            read_errors_corrected_total: m.read_errors_corrected.load(Relaxed),
             sync_bytes_total: m.sync_bytes.load(Relaxed),
             scrub_mismatches: m.scrub_mismatches.load(Relaxed),
             scrub_repaired_total: m.scrub_repaired.load(Relaxed),

@@ -1,13 +1,14 @@
 //! Model-based tests: random reads, writes, zeroes and flushes against a flat byte
 //! vector, while members fail (dead disk or I/O error) up to the level's tolerance,
-//! spares are added and rebuilt in the background. Every read must equal the model:
-//! 0 bytes may differ.
+//! spares are added and rebuilt in the background, and members grow bad sectors
+//! (read errors until the range is rewritten) where the array has redundancy for them.
+//! Every read must equal the model: 0 bytes may differ.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use basalt_blockdev::fault::{ErrorRule, FaultDev, FaultOp};
+use basalt_blockdev::fault::{ErrorRule, FaultDev, FaultOp, RuleId};
 use basalt_blockdev::{BlockDev, SharedBlockDev, WriteFlags, ZeroFlags};
-use basalt_raid::{Array, ArrayConfig, Device, Level, RoleState};
+use basalt_raid::{examine, Array, ArrayConfig, Device, Level, RoleState};
 use bytes::Bytes;
 use common::*;
 use proptest::prelude::*;
@@ -23,6 +24,7 @@ enum Op {
     Flush,
     KillMember { who: usize },
     ErrorMember { who: usize, write: bool },
+    BadSector { who: usize, at: u64, blocks: u64 },
     AddSpare,
 }
 
@@ -34,6 +36,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => (0usize..16).prop_map(|who| Op::KillMember { who }),
         1 => (0usize..16, any::<bool>()).prop_map(|(who, write)| Op::ErrorMember { who, write }),
+        2 => (0usize..16, any::<u64>(), 1u64..8).prop_map(|(who, at, blocks)| Op::BadSector { who, at, blocks }),
         1 => Just(Op::AddSpare),
     ]
 }
@@ -62,6 +65,14 @@ async fn run(level: Level, chunk: u32, journal: bool, ops: Vec<Op>) {
     let mut spares = 0;
     // Roles whose current holder was broken by the test (the array may not know yet).
     let mut dead = vec![false; n];
+    let meta = examine(&(fs[0].clone() as SharedBlockDev))
+        .await
+        .unwrap()
+        .meta;
+    let member_data = a.layout().stripes * a.layout().chunk;
+    // Bad sectors not rewritten yet: at most one at a time, so that a stripe never has
+    // more bad or missing blocks than redundancy.
+    let mut bad_sectors: Vec<(Arc<FaultDev>, RuleId)> = Vec::new();
     for (i, op) in ops.into_iter().enumerate() {
         match op {
             Op::Write { at, blocks, seed } => {
@@ -95,8 +106,30 @@ async fn run(level: Level, chunk: u32, journal: bool, ops: Vec<Op>) {
                 .flush()
                 .await
                 .unwrap_or_else(|e| panic!("op {i}: flush: {e}")),
+            Op::BadSector { who, at, blocks } => {
+                let who = who % n;
+                if !level.redundant() || !a.layout().survives(&missing_after(&a, &dead, who)) {
+                    continue;
+                }
+                for (d, id) in bad_sectors.drain(..) {
+                    d.remove_rule(id);
+                }
+                let first = at % (member_data / 4096);
+                let start = meta.data_offset + first * 4096;
+                let end = (start + blocks * 4096).min(meta.data_offset + member_data);
+                let id = holders[who].add_rule(
+                    ErrorRule::new(FaultOp::Read)
+                        .range(start..end)
+                        .until_rewritten(),
+                );
+                bad_sectors.push((holders[who].clone(), id));
+            }
             Op::KillMember { who } | Op::ErrorMember { who, .. } => {
                 let who = who % n;
+                // A bad sector plus a lost member may be more than the level covers.
+                for (d, id) in bad_sectors.drain(..) {
+                    d.remove_rule(id);
+                }
                 if !level.redundant() || !a.layout().survives(&missing_after(&a, &dead, who)) {
                     continue;
                 }
