@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Basalt's NBD server against nbdkit (file plugin) and qemu-nbd on the same file, with
 # fio's nbd engine, in one run; prints a ratio table (goal: basalt/nbdkit >= 1.2).
-# Usage: bench/nbd-vs-nbdkit.sh [--dir DIR] [--size-mib N] [--runtime S] [--only NAME]
+# Usage: bench/nbd-vs-nbdkit.sh [--dir DIR] [--size-mib N] [--runtime S] [--rounds N]
+#        [--only NAME] [--servers nbdkit,qemu-nbd] [--compare OTHER-nbd-serve]
 # (all flags go to the binary; see --help). Needs root only to install the packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."

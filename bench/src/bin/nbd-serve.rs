@@ -99,10 +99,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
 }
 
 /// Stops glibc from serving large buffers with fresh `mmap`s and handing freed memory
-/// straight back to the kernel. Every read allocates its buffer (`AlignedBuf`); with the
-/// default thresholds a 1 MiB buffer was a new mapping each time, and page faults on it
-/// were the largest cost of a 1 MiB sequential read (perf: 12% in `exc_page_fault` under
-/// the buffer's memset). The daemon should do the same, or blockdev should pool buffers.
+/// straight back to the kernel. Before blockdev pooled its `AlignedBuf`s, a 1 MiB read
+/// buffer was a new mapping each time, and page faults on it were the largest cost of a
+/// 1 MiB sequential read (perf: 12% in `exc_page_fault` under the buffer's memset). The
+/// pool makes this matter much less; it still keeps the connections' input buffers
+/// (256 KiB `BytesMut`s) on the heap.
 fn keep_heap_memory() {
     // SAFETY: mallopt only changes allocator parameters; called before any thread exists.
     unsafe {

@@ -9,9 +9,16 @@
 //! blocks.
 //!
 //! For each workload (4 KiB random read and write at QD 32, 1 MiB sequential read and
-//! write at QD 8) fio runs once against each server, the order rotating between
-//! workloads to spread drift; the table gives IOPS (4 KiB) or MiB/s (1 MiB) and Basalt's
-//! ratio to each. The goal is at least 1.2x nbdkit.
+//! write at QD 8) fio runs once against each server per round, the order rotating
+//! between workloads and rounds to spread drift; the table gives the median over the
+//! rounds of IOPS (4 KiB) or MiB/s (1 MiB) and Basalt's ratio to each. The goal is at
+//! least 1.2x nbdkit.
+//!
+//! Beside throughput, the table gives each server process's CPU time (user + system,
+//! all threads, from `/proc/PID/stat`) per request, over the whole fio run including
+//! its ramp: on a small shared machine it varies far less than throughput does.
+//! `--compare PATH` runs a second `nbd-serve` binary (say, a build from before a change)
+//! as the server `basalt-b`, in the same rounds, for A/B measurements.
 
 use clap::Parser;
 use std::io::{BufRead, BufReader, Write};
@@ -47,6 +54,15 @@ struct Args {
     /// Delete the test file at the end.
     #[arg(long)]
     remove: bool,
+    /// Rounds (every server runs every workload once per round; medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// A second `nbd-serve` binary to run as the server `basalt-b` (A/B comparisons).
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Servers to run, comma-separated (basalt is always run).
+    #[arg(long, default_value = "nbdkit,qemu-nbd")]
+    servers: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -90,8 +106,6 @@ const WORKLOADS: [Workload; 4] = [
     },
 ];
 
-const SERVERS: [&str; 3] = ["basalt", "nbdkit", "qemu-nbd"];
-
 struct Server {
     name: &'static str,
     uri: String,
@@ -133,7 +147,12 @@ fn wait_port(port: u16) -> Result<(), BoxError> {
     Err(format!("nothing listens on port {port}").into())
 }
 
-fn start_basalt(bin: &Path, file: &Path, workers: usize) -> Result<Server, BoxError> {
+fn start_basalt(
+    name: &'static str,
+    bin: &Path,
+    file: &Path,
+    workers: usize,
+) -> Result<Server, BoxError> {
     let port = free_port()?;
     let mut child = Command::new(bin)
         .arg(file)
@@ -152,7 +171,7 @@ fn start_basalt(bin: &Path, file: &Path, workers: usize) -> Result<Server, BoxEr
     }
     wait_port(port)?;
     Ok(Server {
-        name: "basalt",
+        name,
         uri: format!("nbd://127.0.0.1:{port}/bench"),
         child,
     })
@@ -202,8 +221,46 @@ fn start_qemu_nbd(file: &Path) -> Result<Server, BoxError> {
     })
 }
 
-/// Runs fio once and returns IOPS or MiB/s.
-fn fio(uri: &str, w: &Workload, size: u64, runtime: u64) -> Result<f64, BoxError> {
+/// User + system CPU seconds of a process, all threads (dead ones included).
+fn cpu_seconds(pid: u32) -> Result<f64, BoxError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').ok_or("bad /proc stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, that is 11 and 12 after the name and state.
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz.max(1.0))
+}
+
+/// One fio run: the rate (IOPS or MiB/s) and the server's CPU microseconds per request.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    rate: f64,
+    cpu_us: f64,
+}
+
+/// Runs fio once against `s` and measures the server's CPU time meanwhile.
+fn measure(s: &Server, w: &Workload, size: u64, runtime: u64) -> Result<Sample, BoxError> {
+    let pid = s.child.id();
+    let c0 = cpu_seconds(pid)?;
+    let (rate, iops) = fio(&s.uri, w, size, runtime)?;
+    let c1 = cpu_seconds(pid)?;
+    // The CPU time covers the ramp second too, at about the same rate.
+    let ops = iops * (runtime + RAMP_SECS) as f64;
+    let cpu_us = if ops > 0.0 {
+        (c1 - c0) * 1e6 / ops
+    } else {
+        f64::NAN
+    };
+    Ok(Sample { rate, cpu_us })
+}
+
+const RAMP_SECS: u64 = 1;
+
+/// Runs fio once and returns IOPS or MiB/s, and IOPS.
+fn fio(uri: &str, w: &Workload, size: u64, runtime: u64) -> Result<(f64, f64), BoxError> {
     let out = Command::new("fio")
         .args([
             "--name=nbd",
@@ -215,7 +272,7 @@ fn fio(uri: &str, w: &Workload, size: u64, runtime: u64) -> Result<f64, BoxError
             &format!("--size={size}"),
             "--time_based",
             &format!("--runtime={runtime}"),
-            "--ramp_time=1",
+            &format!("--ramp_time={RAMP_SECS}"),
             "--norandommap",
             "--randrepeat=0",
             "--output-format=json",
@@ -234,12 +291,13 @@ fn fio(uri: &str, w: &Workload, size: u64, runtime: u64) -> Result<f64, BoxError
     } else {
         "read"
     };
+    let iops = job[side]["iops"].as_f64().unwrap_or(0.0);
     let r = if w.bandwidth {
         job[side]["bw_bytes"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0)
     } else {
-        job[side]["iops"].as_f64().unwrap_or(0.0)
+        iops
     };
-    Ok(r)
+    Ok((r, iops))
 }
 
 /// Writes the test file in full with random data unless a fully allocated file of the
@@ -283,11 +341,18 @@ fn main() -> Result<(), BoxError> {
             .ok_or("no parent directory")?
             .join("nbd-serve"),
     };
-    let servers = [
-        start_basalt(&serve_bin, &file, args.workers)?,
-        start_nbdkit(&file)?,
-        start_qemu_nbd(&file)?,
-    ];
+    let wanted: Vec<&str> = args.servers.split(',').map(str::trim).collect();
+    let mut servers = vec![start_basalt("basalt", &serve_bin, &file, args.workers)?];
+    if let Some(b) = &args.compare {
+        servers.push(start_basalt("basalt-b", b, &file, args.workers)?);
+    }
+    if wanted.contains(&"nbdkit") {
+        servers.push(start_nbdkit(&file)?);
+    }
+    if wanted.contains(&"qemu-nbd") {
+        servers.push(start_qemu_nbd(&file)?);
+    }
+    let names: Vec<&str> = servers.iter().map(|s| s.name).collect();
     let workloads: Vec<Workload> = WORKLOADS
         .iter()
         .copied()
@@ -297,38 +362,70 @@ fn main() -> Result<(), BoxError> {
                 .is_none_or(|o| w.name.contains(o.as_str()))
         })
         .collect();
-    let mut rows = Vec::new();
-    for (i, w) in workloads.iter().enumerate() {
-        let mut results = [0.0f64; 3];
-        for k in 0..servers.len() {
-            let s = &servers[(i + k) % servers.len()];
-            let r = fio(&s.uri, w, size, args.runtime)?;
-            eprintln!("{:<18} {:<9} {:>12.1}", w.name, s.name, r);
-            let idx = SERVERS.iter().position(|n| *n == s.name).unwrap_or(0);
-            results[idx] = r;
+    let n = servers.len();
+    // samples[workload][server] = one sample per round
+    let mut samples = vec![vec![Vec::<Sample>::new(); n]; workloads.len()];
+    for round in 0..args.rounds.max(1) {
+        for (i, w) in workloads.iter().enumerate() {
+            for k in 0..n {
+                let idx = (i + round + k) % n;
+                let s = &servers[idx];
+                let r = measure(s, w, size, args.runtime)?;
+                eprintln!(
+                    "round {round} {:<18} {:<9} {:>10.1} {:>8.1} us/req",
+                    w.name, s.name, r.rate, r.cpu_us
+                );
+                samples[i][idx].push(r);
+            }
         }
-        rows.push((w, results));
     }
     drop(servers);
 
+    let median = |v: &mut Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::NAN,
+            l if l % 2 == 1 => v[l / 2],
+            l => (v[l / 2 - 1] + v[l / 2]) / 2.0,
+        }
+    };
     println!();
     println!(
-        "{:<18} {:>5} {:>12} {:>12} {:>12} {:>15} {:>17}",
-        "workload", "unit", "basalt", "nbdkit", "qemu-nbd", "basalt/nbdkit", "basalt/qemu-nbd"
+        "median of {} round(s), {} s each (CPU: server user+sys per request)",
+        args.rounds.max(1),
+        args.runtime
     );
-    for (w, r) in &rows {
+    print!("{:<18} {:>5}", "workload", "unit");
+    for name in &names {
+        print!(" {name:>10}");
+    }
+    for name in &names[1..] {
+        print!(" {:>12}", format!("b/{name}"));
+    }
+    for name in &names {
+        print!(" {:>10}", format!("us:{name}"));
+    }
+    println!();
+    for (i, w) in workloads.iter().enumerate() {
         let unit = if w.bandwidth { "MiB/s" } else { "IOPS" };
-        let ratio = |b: f64| if b > 0.0 { r[0] / b } else { f64::NAN };
-        println!(
-            "{:<18} {:>5} {:>12.0} {:>12.0} {:>12.0} {:>14.2}x {:>16.2}x",
-            w.name,
-            unit,
-            r[0],
-            r[1],
-            r[2],
-            ratio(r[1]),
-            ratio(r[2])
-        );
+        let rates: Vec<f64> = (0..n)
+            .map(|k| median(&mut samples[i][k].iter().map(|s| s.rate).collect()))
+            .collect();
+        let cpus: Vec<f64> = (0..n)
+            .map(|k| median(&mut samples[i][k].iter().map(|s| s.cpu_us).collect()))
+            .collect();
+        print!("{:<18} {:>5}", w.name, unit);
+        for r in &rates {
+            print!(" {r:>10.0}");
+        }
+        for r in &rates[1..] {
+            let ratio = if *r > 0.0 { rates[0] / r } else { f64::NAN };
+            print!(" {:>11.2}x", ratio);
+        }
+        for c in &cpus {
+            print!(" {c:>10.1}");
+        }
+        println!();
     }
     if args.remove {
         std::fs::remove_file(&file)?;

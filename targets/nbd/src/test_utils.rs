@@ -411,6 +411,38 @@ impl<S: Read + Write> BlockingClient<S> {
         Ok(handle)
     }
 
+    /// Like [`BlockingClient::send`], but writes the request's bytes in pieces of the
+    /// given sizes (cycling through them), pausing `pause` between pieces, so the server
+    /// sees headers and payloads arrive in parts.
+    pub fn send_in_pieces(
+        &mut self,
+        (kind, flags, offset, len): (u16, u16, u64, u32),
+        payload: &[u8],
+        pieces: &[usize],
+        pause: std::time::Duration,
+    ) -> io::Result<u64> {
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        let msg = ClientMsg::request(kind, flags, handle, offset, len, payload);
+        let mut at = 0;
+        for &n in pieces.iter().filter(|&&n| n > 0).cycle() {
+            if at >= msg.len() {
+                break;
+            }
+            let end = (at + n).min(msg.len());
+            self.stream.write_all(&msg[at..end])?;
+            self.stream.flush()?;
+            at = end;
+            if at < msg.len() {
+                std::thread::sleep(pause);
+            }
+        }
+        if kind != cmd::DISC {
+            self.pending.insert(handle, (kind, offset, len));
+        }
+        Ok(handle)
+    }
+
     /// Receives the whole reply to some pending request: its handle and outcome.
     pub fn recv(&mut self) -> io::Result<(u64, Outcome)> {
         let mut data: BTreeMap<u64, Vec<u8>> = BTreeMap::new();

@@ -64,6 +64,17 @@ impl RequestHeader {
         }
     }
 
+    /// Parses the header at the start of `buf`: `None` unless `buf` holds a whole header
+    /// that starts with the request magic. Lets a driver that has the header of a large
+    /// write, but not its payload yet, receive the payload into a buffer of its own and
+    /// then hand both to [`Session::validate`].
+    pub fn parse(buf: &[u8]) -> Option<Self> {
+        if buf.len() < REQUEST_HEADER_LEN || buf[..4] != REQUEST_MAGIC.to_be_bytes() {
+            return None;
+        }
+        Some(Self::decode(buf))
+    }
+
     /// Encodes the header (for clients and tests).
     pub fn encode(&self) -> [u8; REQUEST_HEADER_LEN] {
         let mut out = [0u8; REQUEST_HEADER_LEN];

@@ -403,6 +403,9 @@ async fn tls_with_nbdinfo_and_qemu_img_and_plaintext_refused() {
             &image,
             "-c",
             "write -P 0x5a 0 64k",
+            // Large payloads, received into buffers of their own under TLS too.
+            "-c",
+            "write -P 0x5b 1M 2M",
         ],
     )
     .await;
@@ -415,10 +418,14 @@ async fn tls_with_nbdinfo_and_qemu_img_and_plaintext_refused() {
             &image,
             "-c",
             "read -P 0x5a 0 64k",
+            "-c",
+            "read -P 0x5b 1M 2M",
         ],
     )
     .await;
     assert!(out.contains("read 65536/65536"), "{out}");
+    assert!(out.contains("read 2097152/2097152"), "{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
     let info = ok(
         "qemu-img",
         &["info", "--object", &obj, "--image-opts", &image],

@@ -152,6 +152,72 @@ async fn pipelined_requests_all_get_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_arriving_in_pieces_are_received_whole() {
+    // Large write payloads are received into buffers of their own, with the socket's
+    // receive low-water mark raised to the bytes still missing: payloads that arrive in
+    // uneven parts with pauses, a header alone, a payload followed at once by the next
+    // request, unaligned and FUA writes must all land whole and nothing may stall.
+    let mut devices = Devices::new();
+    devices.insert("lun0".into(), mem(16384, 512)); // 8 MiB
+    let (server, addr) = start(config(&["lun0"]), devices).await;
+    blocking(move || {
+        // No block size agreement, so unaligned writes are allowed.
+        let o = ClientOptions {
+            block_sizes: false,
+            ..ClientOptions::default()
+        };
+        let mut c = connect(addr, "lun0", &o).unwrap();
+        let mut model = vec![0u8; 8 << 20];
+        let cases: [(u64, usize, &[usize]); 6] = [
+            (0, 1 << 20, &[28, 100_000, 7, 300_000]),
+            (1 << 20, 65536, &[10, 18, 65536]),
+            ((2 << 20) + 3, 65537 + 4096, &[40_000]),
+            (3 << 20, 2 << 20, &[1 << 20, 1, 333_333]),
+            (6 << 20, 64 * 1024 - 1, &[5000]),
+            ((7 << 20) - 512, 1 << 20, &[28, 1 << 20]),
+        ];
+        let mut handles = std::collections::BTreeSet::new();
+        for (i, &(offset, len, pieces)) in cases.iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|j| (j * 7 + i * 13) as u8 | 1).collect();
+            let flags = if i % 2 == 1 { cmd_flags::FUA } else { 0 };
+            let req = (cmd::WRITE, flags, offset, len as u32);
+            let pause = Duration::from_millis(20);
+            handles.insert(c.send_in_pieces(req, &data, pieces, pause).unwrap());
+            model[offset as usize..offset as usize + len].copy_from_slice(&data);
+            // A small request right behind the large one.
+            handles.insert(c.send(cmd::FLUSH, 0, 0, 0, &[]).unwrap());
+        }
+        for _ in 0..handles.len() {
+            let (h, o) = c.recv().unwrap();
+            assert_eq!(o.errno(), 0, "request {h}");
+            assert!(handles.remove(&h));
+        }
+        for chunk in 0..8u64 {
+            let got = data_of(c.read(chunk << 20, 1 << 20).unwrap());
+            let at = (chunk << 20) as usize;
+            assert!(got == model[at..at + (1 << 20)], "MiB {chunk} differs");
+        }
+        // A connection that dies in the middle of a payload changes nothing.
+        let mut d = connect(addr, "lun0", &o).unwrap();
+        let header = basalt_nbd::RequestHeader {
+            flags: 0,
+            kind: cmd::WRITE,
+            handle: 1,
+            offset: 0,
+            len: 1 << 20,
+        };
+        d.stream_mut().write_all(&header.encode()).unwrap();
+        d.stream_mut().write_all(&[0xEE; 300_000]).unwrap();
+        drop(d);
+        std::thread::sleep(Duration::from_millis(100));
+        let got = data_of(c.read(0, 1 << 20).unwrap());
+        assert!(got == model[..1 << 20]);
+    })
+    .await;
+    server.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_the_documented_ones() {
     let mut devices = Devices::new();
     devices.insert("lun0".into(), mem(2048, 4096)); // 8 MiB, 4 KiB blocks

@@ -8,19 +8,34 @@
 //! at once, so many run concurrently and finish in any order). Replies go out in
 //! completion order, as the protocol allows.
 //!
+//! A large write (payload of at least [`OWN_BUFFER_MIN`]) whose payload has not all
+//! arrived is taken out of the input buffer once its header is there: the payload is
+//! received straight into a pooled, aligned buffer of its own ([`Payload`]), which then
+//! goes to the device as it is. On plain TCP the socket's receive low-water mark is
+//! raised meanwhile to the bytes still missing ([`RecvLowat`]), so a 1 MiB payload wakes
+//! the driver once or twice instead of at every few segments. Measured with
+//! `bench/nbd-vs-nbdkit.sh` (1 MiB sequential writes, QD 8): 6 socket reads and 6
+//! `epoll_wait`s per request before, about 3 and 3 after, and the server's CPU time per
+//! request down by about 30% (see the crate docs for the table).
+//!
 //! Memory is bounded per connection: no more than `max_in_flight` commands, no more
 //! than [`MAX_INFLIGHT_BYTES`] of read and write payload in flight, and no more than
 //! [`MAX_QUEUED_OUTPUT`] of replies waiting for the socket; while any bound is reached
 //! the driver stops reading requests (TCP flow control then stops the client). The
-//! input buffer holds at most one maximal request plus one read.
+//! input buffer holds at most one read plus one request smaller than
+//! [`OWN_BUFFER_MIN`]; beside it, at most one large payload is being received.
 
 use super::exec::{self, Completion};
 use super::{ExportHandle, PeerCatalog, Shared};
 use crate::errno::NbdErrno;
 use crate::handshake::{Handshake, HandshakeEvent, Negotiated};
-use crate::transmission::{check_request, CheckError, Command, CommandKind, Decoded, Session};
+use crate::proto::{cmd, REQUEST_HEADER_LEN};
+use crate::transmission::{
+    check_request, CheckError, Command, CommandKind, Decoded, RequestHeader, Session,
+};
 use crate::wire::Output;
-use bytes::BytesMut;
+use basalt_blockdev::AlignedBuf;
+use bytes::{Buf, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
@@ -30,15 +45,18 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 /// Read and write payload in flight per connection before the driver stops reading.
 pub(crate) const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
 /// Reply bytes queued for the socket before the driver stops reading.
 pub(crate) const MAX_QUEUED_OUTPUT: usize = 32 << 20;
-/// Bytes asked of each socket read (more when one request needs more).
+/// Bytes asked of each socket read into the input buffer.
 const READ_CHUNK: usize = 256 * 1024;
+/// Write payloads at least this long that are not whole in the input buffer yet are
+/// received straight into an [`AlignedBuf`] of their own (see [`Payload`]).
+const OWN_BUFFER_MIN: usize = 64 * 1024;
 
 /// Signals a connection listens to.
 #[derive(Clone)]
@@ -49,16 +67,84 @@ pub(crate) struct Signals {
     pub(crate) kill: CancellationToken,
 }
 
+/// The receive low-water mark (`SO_RCVLOWAT`) of a plain TCP connection's socket.
+///
+/// While a large write payload is arriving, the driver raises the mark to the bytes
+/// still missing (up to [`LOWAT_MAX`]), so the socket is reported readable once they
+/// are all there rather than at every segment: a 1 MiB payload then takes one or two
+/// wakeups and reads instead of six or more. Once the payload is whole the mark goes
+/// back to 1. Linux wakes the reader anyway when the receive window would otherwise
+/// close, so a raised mark cannot stall the peer. Not used under TLS (the socket's bytes
+/// are records, and rustls buffers some) nor on unix sockets.
+pub(crate) struct RecvLowat {
+    fd: Option<std::os::fd::RawFd>,
+    current: usize,
+}
+
+/// Highest receive low-water mark asked for.
+const LOWAT_MAX: usize = 1 << 20;
+
+impl RecvLowat {
+    /// For a TCP stream; the stream must outlive every use (the driver owns both).
+    pub(crate) fn of_tcp(s: &tokio::net::TcpStream) -> Self {
+        use std::os::fd::AsRawFd;
+        RecvLowat {
+            fd: Some(s.as_raw_fd()),
+            current: 1,
+        }
+    }
+
+    /// Never changes anything.
+    pub(crate) fn none() -> Self {
+        RecvLowat {
+            fd: None,
+            current: 1,
+        }
+    }
+
+    fn set(&mut self, bytes: usize) {
+        let Some(fd) = self.fd else { return };
+        let v = bytes.clamp(1, LOWAT_MAX);
+        if v == self.current {
+            return;
+        }
+        let val = v as libc::c_int;
+        // SAFETY: setsockopt with a valid pointer and length to an int; `fd` belongs to
+        // the stream the driver owns, which is open while the driver runs. A failure
+        // leaves the mark where it was, which is only slower.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            self.current = v;
+        } else {
+            // Do not try again on this connection.
+            self.fd = None;
+        }
+    }
+}
+
 /// Serves one accepted connection (TCP, or a unix socket whose peers count as
 /// loopback) to its end.
-pub(crate) async fn serve<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>, signals: Signals)
-where
+pub(crate) async fn serve<S>(
+    stream: S,
+    lowat: RecvLowat,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    signals: Signals,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let kill = signals.kill.clone();
     tokio::select! {
         _ = kill.cancelled() => {}
-        _ = serve_inner(stream, peer, &shared, &signals) => {}
+        _ = serve_inner(stream, lowat, peer, &shared, &signals) => {}
     }
 }
 
@@ -69,6 +155,7 @@ enum Phase2<S> {
 
 async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut tcp: S,
+    lowat: RecvLowat,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     signals: &Signals,
@@ -142,8 +229,14 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let max_in_flight = shared.current().config.max_in_flight.max(1);
     tracing::debug!(%peer, export = %neg.export.name, tls = neg.tls, structured = neg.structured, "NBD transmission");
     let result = match io {
-        Phase2::Plain(s) => transmit(s, inbuf, &neg, &export, peer, max_in_flight, signals).await,
-        Phase2::Tls(s) => transmit(*s, inbuf, &neg, &export, peer, max_in_flight, signals).await,
+        Phase2::Plain(s) => {
+            let conn = (peer, max_in_flight, lowat);
+            transmit(s, inbuf, &neg, &export, conn, signals).await
+        }
+        Phase2::Tls(s) => {
+            let conn = (peer, max_in_flight, RecvLowat::none());
+            transmit(*s, inbuf, &neg, &export, conn, signals).await
+        }
     };
     if let Err(e) = result {
         if e.kind() == io::ErrorKind::InvalidData {
@@ -218,9 +311,29 @@ struct Done {
 
 type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
 
+/// A large write whose header has arrived and whose payload is being received straight
+/// into a buffer of its own: an aligned, pooled [`AlignedBuf`] of exactly the payload's
+/// length. Socket reads fill it in place (no copy out of the input buffer, no growing
+/// of the input buffer to hold a whole request), and it goes to the device as it is,
+/// aligned for O_DIRECT (no bounce copy in the io_uring backend).
+struct Payload {
+    header: RequestHeader,
+    buf: AlignedBuf,
+    filled: usize,
+}
+
+impl Payload {
+    fn complete(&self) -> bool {
+        self.filled == self.buf.len()
+    }
+}
+
 struct Driver<S> {
     io: S,
     inbuf: BytesMut,
+    /// A large write payload being received (taken out of the input stream).
+    payload: Option<Payload>,
+    lowat: RecvLowat,
     out: Output,
     inflight: FuturesUnordered<Pending>,
     inflight_bytes: u64,
@@ -238,8 +351,7 @@ async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
     inbuf: BytesMut,
     neg: &Negotiated,
     export: &Arc<ExportHandle>,
-    peer: SocketAddr,
-    max_in_flight: usize,
+    (peer, max_in_flight, lowat): (SocketAddr, usize, RecvLowat),
     signals: &Signals,
 ) -> io::Result<()> {
     let conn = export.register(peer.ip());
@@ -251,6 +363,8 @@ async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
     let mut d = Driver {
         io,
         inbuf,
+        payload: None,
+        lowat,
         out: Output::new(),
         inflight: FuturesUnordered::new(),
         inflight_bytes: 0,
@@ -262,11 +376,14 @@ async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
         needs_flush: false,
     };
     let result = loop {
+        // Biased, drain first: once a reconfiguration or stop has returned, a request
+        // that arrives afterwards must meet the drain, not win a coin toss against it.
         tokio::select! {
-            r = poll_fn(|cx| d.poll(cx)) => break r,
+            biased;
             _ = drain_signal(&signals.stop, &export.cancel, &conn.1), if !d.draining => {
                 d.draining = true;
             }
+            r = poll_fn(|cx| d.poll(cx)) => break r,
         }
     };
     if result.is_ok() {
@@ -338,7 +455,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             }
 
             if self.draining {
-                // Requests already received but not started are refused.
+                // Requests already received but not started are refused; a payload
+                // still arriving is dropped with the rest of the input.
+                if let Some(p) = self.payload.take() {
+                    if p.complete() {
+                        let kind = CommandKind::Write;
+                        self.session.reply_error(
+                            &mut self.out,
+                            p.header.handle,
+                            NbdErrno::Shutdown,
+                            "server shutting down",
+                        );
+                        self.export.metrics.command(kind, Duration::ZERO, 0, false);
+                        progress = true;
+                    }
+                }
                 loop {
                     match self.session.decode(&mut self.inbuf) {
                         Ok(Some(Decoded::Request(r))) => {
@@ -375,19 +506,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             }
 
             while self.can_accept() {
+                if let Some(p) = self.payload.take_if(|p| p.complete()) {
+                    let d = self.session.validate(p.header, p.buf.freeze());
+                    self.start(d);
+                    progress = true;
+                    continue;
+                }
+                if self.payload.is_some() {
+                    break;
+                }
                 match self.session.decode(&mut self.inbuf) {
                     Ok(Some(d)) => {
                         self.start(d);
                         progress = true;
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        if self.begin_payload() {
+                            progress = true;
+                            continue;
+                        }
+                        break;
+                    }
                     Err(e) => {
                         return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
                     }
                 }
             }
 
-            if self.can_accept() && !self.eof {
+            let can_read = self.can_accept() && !self.eof;
+            if let Some(p) = self.payload.as_mut().filter(|p| !p.complete()) {
+                if can_read {
+                    self.lowat.set(p.buf.len() - p.filled);
+                    let mut rb = ReadBuf::new(&mut p.buf.as_mut_slice()[p.filled..]);
+                    match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                            self.eof = true;
+                            self.draining = true;
+                            progress = true;
+                        }
+                        Poll::Ready(Ok(())) => {
+                            p.filled += rb.filled().len();
+                            if p.complete() {
+                                self.lowat.set(1);
+                            }
+                            progress = true;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => {}
+                    }
+                }
+            } else if can_read {
                 let want = match check_request(&self.inbuf) {
                     Err(CheckError::Incomplete(n)) => n.max(READ_CHUNK),
                     _ => READ_CHUNK,
@@ -415,6 +583,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// When the input buffer starts with the header of a large write whose payload has
+    /// not all arrived (the caller found no whole request), moves the header and the
+    /// payload bytes so far into a [`Payload`]; the rest is read straight into it.
+    fn begin_payload(&mut self) -> bool {
+        let Some(h) = RequestHeader::parse(&self.inbuf) else {
+            return false;
+        };
+        let len = h.len as usize;
+        // No whole request is buffered and the header's magic and payload size passed
+        // `check_request`, so `len` is at most MAX_PAYLOAD and more than is buffered.
+        if h.kind != cmd::WRITE || len < OWN_BUFFER_MIN {
+            return false;
+        }
+        self.inbuf.advance(REQUEST_HEADER_LEN);
+        let have = self.inbuf.len().min(len);
+        // Stale pool contents are never seen: the payload is used only once every byte
+        // has been overwritten, and a connection that ends earlier just drops it.
+        let mut buf = AlignedBuf::for_overwrite(len);
+        buf.as_mut_slice()[..have].copy_from_slice(&self.inbuf[..have]);
+        self.inbuf.advance(have);
+        self.payload = Some(Payload {
+            header: h,
+            buf,
+            filled: have,
+        });
+        true
     }
 
     fn start(&mut self, d: Decoded) {

@@ -223,8 +223,13 @@ async fn read(
     let bs = u64::from(g.block_size);
     let start = offset / bs * bs;
     let end = (offset + len).next_multiple_of(bs);
-    let reads = split(start, end - start, max_io(g)).map(|(o, n)| dev.read(o, n as usize));
-    let mut pieces = try_join_all(reads).await?;
+    let mut pieces = if end - start <= max_io(g) {
+        // The common case: one device request, no join (and no allocations for one).
+        vec![dev.read(start, (end - start) as usize).await?]
+    } else {
+        let reads = split(start, end - start, max_io(g)).map(|(o, n)| dev.read(o, n as usize));
+        try_join_all(reads).await?
+    };
     // Trim the enclosing blocks to the request.
     let head = (offset - start) as usize;
     if head > 0 {
@@ -259,6 +264,10 @@ async fn write(
     if astart >= aend {
         // Within one or two blocks and no whole block: edges only.
         return write_edges(dev, bs, offset, &data, flags).await;
+    }
+    if astart == offset && aend == end && len <= max_io(g) {
+        // The common case: aligned, one device request.
+        return dev.write(offset, data, flags).await;
     }
     let middle = data.slice((astart - offset) as usize..(aend - offset) as usize);
     let writes = split(astart, aend - astart, max_io(g)).map(|(o, n)| {

@@ -589,8 +589,14 @@ async fn accept_loop(
         let signals = signals.clone();
         tracker.spawn(async move {
             match stream {
-                Accepted::Tcp(s) => connection::serve(s, peer, shared.clone(), signals).await,
-                Accepted::Unix(s) => connection::serve(s, peer, shared.clone(), signals).await,
+                Accepted::Tcp(s) => {
+                    let lowat = connection::RecvLowat::of_tcp(&s);
+                    connection::serve(s, lowat, peer, shared.clone(), signals).await
+                }
+                Accepted::Unix(s) => {
+                    let lowat = connection::RecvLowat::none();
+                    connection::serve(s, lowat, peer, shared.clone(), signals).await
+                }
             }
             shared
                 .counters
