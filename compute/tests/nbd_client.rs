@@ -10,7 +10,9 @@
 //! same device, as a daemon restart does.
 
 use basalt_blockdev::{
-    conformance, fault::FaultOp, BlockDev, BlockError, FaultDev, MemDev, SharedBlockDev, WriteFlags,
+    conformance,
+    fault::{ErrorRule, FaultOp},
+    BlockDev, BlockError, FaultDev, MemDev, SharedBlockDev, WriteFlags,
 };
 use basalt_compute::nbd::{NbdAddress, NbdDev, NbdOptions};
 use basalt_nbd::{Devices, ExportConfig, NbdConfig, NbdServer};
@@ -43,9 +45,10 @@ impl Drop for Server {
     }
 }
 
+/// Waits until the server listens on `path` (the socket exists a moment before).
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
         assert!(
             Instant::now() < deadline,
             "{} never appeared",
@@ -425,4 +428,237 @@ async fn an_export_that_came_back_with_another_size_is_refused() {
     );
     assert_eq!(dev.reconnects(), 0);
     assert!(!dev.is_connected());
+}
+
+/// Waits (bounded) until `dev` is connected again.
+async fn until_connected(dev: &NbdDev) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dev.is_connected() {
+        assert!(Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Stops the server and loses the LUN's cache with it (a storage-controller crash).
+async fn crash(server: NbdServer, sock: &Path, fault: &FaultDev) {
+    kill(server, sock).await;
+    fault.crash();
+    fault.recover().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_the_replay_is_ridden_out_too() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let mem = Arc::new(MemDev::new(1024, 4096));
+    let fault = Arc::new(FaultDev::new(mem.clone()));
+    let server = basalt_server(fault.clone(), &sock).await;
+    let uri = format!("nbd+unix:///lun0?socket={}", sock.display());
+    let dev = Arc::new(
+        NbdDev::connect_with(
+            &NbdAddress::parse(&uri).expect("uri"),
+            NbdOptions {
+                reconnect_window: Duration::from_secs(30),
+                ..NbdOptions::default()
+            },
+        )
+        .await
+        .expect("connect"),
+    );
+    // A replay log of acknowledged, unflushed writes, each block written twice: the
+    // reconnection writes the first round again and waits for it before the second
+    // (overlapping entries go one after the other), so it is waiting for replies.
+    for tag in [4, 5] {
+        for i in 0..16u64 {
+            dev.write(i * 4096, block(tag, i), WriteFlags::default())
+                .await
+                .expect("write");
+        }
+    }
+    crash(server, &sock, &fault).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dev.is_connected() {
+        assert!(Instant::now() < deadline, "the loss went unnoticed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Guest requests waiting through the outage.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..16u64 {
+        let d = dev.clone();
+        set.spawn(async move { (i, d.read(i * 4096, 4096).await) });
+    }
+    // The server comes back slow, and goes again while the replay is in flight.
+    fault.set_latency(FaultOp::Write, Duration::from_millis(500));
+    let server = basalt_server(fault.clone(), &sock).await;
+    until_connected(&dev).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(dev.reconnects(), 0, "the replay should still be in flight");
+    fault.set_latency(FaultOp::Write, Duration::ZERO);
+    kill(server, &sock).await;
+    let _server = basalt_server(fault.clone(), &sock).await;
+
+    let all = async {
+        while let Some(r) = set.join_next().await {
+            let (i, data) = r.expect("join");
+            assert!(
+                data.expect("a read across both losses") == block(5, i),
+                "block {i}"
+            );
+        }
+        dev.flush().await.expect("flush");
+    };
+    tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .expect("the disk hangs after a loss during the replay");
+    assert!(dev.is_connected());
+    for i in 0..16u64 {
+        let got = mem.read(i * 4096, 4096).await.expect("medium");
+        assert!(
+            got == block(5, i),
+            "block {i} not on the medium after the flush"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_flush_fails_when_a_replay_failed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let mem = Arc::new(MemDev::new(1024, 4096));
+    let fault = Arc::new(FaultDev::new(mem.clone()));
+    let server = basalt_server(fault.clone(), &sock).await;
+    let dev = Arc::new(reconnecting(&sock, Duration::from_secs(20)).await);
+    for i in 0..8u64 {
+        dev.write(i * 4096, block(5, i), WriteFlags::default())
+            .await
+            .expect("write");
+    }
+    crash(server, &sock, &fault).await;
+    // After the restart, block 3 cannot be written.
+    let rule = fault.add_rule(ErrorRule::new(FaultOp::Write).range(3 * 4096..4 * 4096));
+    // A flush waits through the outage; it is resent after the replay.
+    let d = dev.clone();
+    let flush = tokio::spawn(async move { d.flush().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let server = basalt_server(fault.clone(), &sock).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), flush)
+        .await
+        .expect("flush answered")
+        .expect("join")
+        .expect_err("a replayed write failed: the flush must too");
+    assert!(matches!(err, BlockError::Io { .. }), "{err:?}");
+    assert_eq!(dev.reconnects(), 1);
+
+    // The failed flush covered nothing: the log still holds block 3, and the next
+    // reconnection writes it again.
+    fault.remove_rule(rule);
+    crash(server, &sock, &fault).await;
+    let _server = basalt_server(fault.clone(), &sock).await;
+    assert!(dev.read(3 * 4096, 4096).await.expect("read") == block(5, 3));
+    dev.flush().await.expect("flush once the replay worked");
+    for i in 0..8u64 {
+        let got = mem.read(i * 4096, 4096).await.expect("medium");
+        assert!(got == block(5, i), "block {i} not on the medium");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_automatic_flush_does_not_swallow_a_failed_replay() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let mem = Arc::new(MemDev::new(1024, 4096));
+    let fault = Arc::new(FaultDev::new(mem.clone()));
+    let server = basalt_server(fault.clone(), &sock).await;
+    let uri = format!("nbd+unix:///lun0?socket={}", sock.display());
+    // A small replay log: the client flushes on its own past 8 blocks.
+    let dev = NbdDev::connect_with(
+        &NbdAddress::parse(&uri).expect("uri"),
+        NbdOptions {
+            reconnect_window: Duration::from_secs(20),
+            replay_limit: 8 * 4096,
+            ..NbdOptions::default()
+        },
+    )
+    .await
+    .expect("connect");
+    for i in 0..4u64 {
+        dev.write(i * 4096, block(6, i), WriteFlags::default())
+            .await
+            .expect("write");
+    }
+    crash(server, &sock, &fault).await;
+    let rule = fault.add_rule(ErrorRule::new(FaultOp::Write).range(0..4096));
+    let _server = basalt_server(fault.clone(), &sock).await;
+    // The read waits for the reconnection, whose replay of block 0 fails.
+    assert!(dev.read(4096, 4096).await.expect("read") == block(6, 1));
+    fault.remove_rule(rule);
+    // Enough writes to make the client flush on its own, and let it finish.
+    for i in 4..16u64 {
+        dev.write(i * 4096, block(6, i), WriteFlags::default())
+            .await
+            .expect("write");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = dev.flush().await.expect_err("the replay of block 0 failed");
+    assert!(matches!(err, BlockError::Io { .. }), "{err:?}");
+    // Reported once.
+    dev.flush().await.expect("the next flush");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_that_grew_is_accepted() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let server = basalt_server(Arc::new(MemDev::new(1024, 4096)), &sock).await;
+    let dev = reconnecting(&sock, Duration::from_secs(5)).await;
+    dev.write(0, block(9, 0), WriteFlags { fua: true })
+        .await
+        .expect("write");
+    kill(server, &sock).await;
+    // Grown online: the same LUN, larger.
+    let grown = Arc::new(MemDev::new(2048, 4096));
+    grown
+        .write(0, block(9, 0), WriteFlags { fua: true })
+        .await
+        .expect("seed");
+    let server = basalt_server(grown.clone(), &sock).await;
+    assert!(dev.read(0, 4096).await.expect("read after growth") == block(9, 0));
+    assert_eq!(dev.reconnects(), 1);
+    // The guest keeps the size it saw.
+    assert_eq!(dev.geometry().capacity_bytes(), 1024 * 4096);
+    assert!(matches!(
+        dev.read(1024 * 4096, 4096).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    // Smaller than at first is still refused.
+    kill(server, &sock).await;
+    let _small = basalt_server(Arc::new(MemDev::new(1000, 4096)), &sock).await;
+    let err = dev.read(0, 4096).await.expect_err("a smaller export");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert_eq!(dev.reconnects(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fua_write_is_not_undone_by_the_replay_of_an_older_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let mem = Arc::new(MemDev::new(1024, 4096));
+    let fault = Arc::new(FaultDev::new(mem.clone()));
+    let server = basalt_server(fault.clone(), &sock).await;
+    let dev = reconnecting(&sock, Duration::from_secs(20)).await;
+    // A, then B with FUA (durable when acknowledged) over the same block.
+    dev.write(3 * 4096, block(0xa, 3), WriteFlags::default())
+        .await
+        .expect("write A");
+    dev.write(3 * 4096, block(0xb, 3), WriteFlags { fua: true })
+        .await
+        .expect("write B (FUA)");
+    crash(server, &sock, &fault).await;
+    let _server = basalt_server(fault.clone(), &sock).await;
+    assert!(
+        dev.read(3 * 4096, 4096).await.expect("read") == block(0xb, 3),
+        "the replay of A undid the FUA write B"
+    );
+    dev.flush().await.expect("flush");
+    assert!(mem.read(3 * 4096, 4096).await.expect("medium") == block(0xb, 3));
 }

@@ -25,10 +25,14 @@
 //! - keeps every unanswered request, and holds new ones (nothing fails yet);
 //! - reconnects in the background: attempts 50 ms apart, doubling up to 2 s, each
 //!   bounded to 5 s; an attempt redoes the whole handshake and is refused unless the
-//!   export has the size and block size it had ([`NbdError::ExportChanged`]);
+//!   export has the block size it had and at least the size
+//!   ([`NbdError::ExportChanged`]). A LUN grown online comes back larger, which is
+//!   fine: the device keeps the geometry the guest saw at the first connection;
 //! - on success, first writes again the *replay log*: the writes (and trims,
-//!   write-zeroes) the old connection acknowledged but no flush has covered since,
-//!   because a server that went down may have lost them with its cache. Overlapping
+//!   write-zeroes; FUA ones too) the old connection acknowledged but no flush has
+//!   covered since, because a server that went down may have lost them with its cache
+//!   (and an older overlapping write written again must not land over a FUA one, so
+//!   those are replayed too, in their place; writing them again is harmless). Overlapping
 //!   entries go one after the other, in acknowledgement order, and all are
 //!   acknowledged before anything else is sent. Then it resends every unanswered
 //!   request under its handle: reads, and writes too. Resending a write is safe: an
@@ -41,8 +45,13 @@
 //!   whichever connection acknowledged it. A flush's success trims the replay log; the
 //!   log holds at most [`NbdOptions::replay_limit`] bytes of payload (past it the
 //!   client flushes on its own), and holds nothing when the server has no volatile
-//!   cache (no `NBD_FLAG_SEND_FLUSH`) nor FUA writes. If a replay fails, the next flush
-//!   fails with the server's errno, since acknowledged data may be gone;
+//!   cache (no `NBD_FLAG_SEND_FLUSH`). If a replay fails, acknowledged data may be
+//!   gone: the next flush of a user to complete, whether issued before or after the
+//!   reconnection, fails with the server's errno (once) and trims nothing, so the log
+//!   keeps the failed write; the client's own flush neither reports nor clears that.
+//!   A later reconnection whose replay of the whole log succeeds clears it. If the
+//!   connection breaks again during the replay, the replays in flight are dropped
+//!   (the log still holds them) and the next reconnection starts over;
 //! - past [`NbdOptions::reconnect_window`] (default 60 s, [`DEFAULT_RECONNECT_WINDOW`];
 //!   checked after each failed attempt) without a connection, every waiting request
 //!   fails with [`BlockError::Offline`] ("NBD export ... unreachable for more than N s
@@ -291,11 +300,14 @@ type Done = oneshot::Sender<Result<Bytes, Failure>>;
 struct Pending {
     req: Req,
     done: Done,
-    /// Add the request to the replay log once acknowledged (writes without FUA on a
+    /// Add the request to the replay log once acknowledged (writes, FUA ones too, on a
     /// server with a volatile cache).
     log: bool,
     /// A replay of a log entry by a reconnection (not anyone's request).
     replay: bool,
+    /// The client's own flush bounding the replay log: it never reports a failed
+    /// replay (nobody would see it), it leaves that to the next flush of a user.
+    auto: bool,
     /// For a flush: the replay log sequence number when it was issued; a success
     /// covers every entry below it.
     mark: u64,
@@ -320,7 +332,8 @@ struct State {
     log: BTreeMap<u64, Req>,
     log_bytes: usize,
     next_seq: u64,
-    /// A replay failed: the next flush fails, since acknowledged data may be lost.
+    /// A replay failed: the next flush of a user to complete fails (and covers
+    /// nothing), since acknowledged data may be lost.
     replay_failed: Option<u32>,
     flushing: bool,
 }
@@ -522,6 +535,7 @@ impl NbdDev {
                 len,
                 data,
             },
+            false,
         )
         .await
     }
@@ -552,7 +566,8 @@ impl Inner {
     }
 
     /// Sends `req` (or queues it for the reconnection to send) and waits for its reply.
-    async fn request(self: &Arc<Self>, req: Req) -> Result<Bytes, BlockError> {
+    /// `auto`: the client's own flush (see [`Pending::auto`]).
+    async fn request(self: &Arc<Self>, req: Req, auto: bool) -> Result<Bytes, BlockError> {
         let (tx, rx) = oneshot::channel();
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let cmd = req.cmd;
@@ -564,14 +579,9 @@ impl Inner {
                 if let Link::Down { expired: true, .. } = st.link {
                     return Err(BlockError::Offline(self.expired_error(&st)));
                 }
-                if cmd == Command::Flush {
-                    if let Some(errno) = st.replay_failed.take() {
-                        return Err(errno_error(cmd, offset, len, errno));
-                    }
-                }
-                let log = req.modifies()
-                    && req.flags & wire::CMD_FLAG_FUA == 0
-                    && self.info.flags & wire::TF_SEND_FLUSH != 0;
+                // FUA writes are logged too: a replay of an older overlapping write
+                // must not land over them (replaying one is harmless).
+                let log = req.modifies() && self.info.flags & wire::TF_SEND_FLUSH != 0;
                 let mark = st.next_seq;
                 let payload = req.clone();
                 st.pending.insert(
@@ -581,6 +591,7 @@ impl Inner {
                         done: tx,
                         log,
                         replay: false,
+                        auto,
                         mark,
                     },
                 );
@@ -621,6 +632,10 @@ impl Inner {
                 expired: false,
             };
             st.last_error = format!("connection lost: {why}");
+            // Replays in flight on this connection will never be answered: dropping
+            // them ends the reconnection that waits for them (its `drain_replays`),
+            // which releases the writer for the next one. The log still holds them.
+            st.pending.retain(|_, p| !p.replay);
             if self.opts.reconnect_window.is_zero() {
                 expire(self, &mut st);
             }
@@ -664,6 +679,18 @@ impl Inner {
                             flush = true;
                         }
                     } else if p.req.cmd == Command::Flush {
+                        if let Some(errno) = st.replay_failed {
+                            // Acknowledged data the server could not write again: this
+                            // flush covers nothing, and the log keeps it all. A user's
+                            // flush reports it (once); the client's own does not.
+                            if !p.auto {
+                                st.replay_failed = None;
+                            }
+                            let _ = p.done.send(Err(Failure::Errno(errno)));
+                            drop(st);
+                            self.replied.notify_waiters();
+                            return Expect::Reply(0);
+                        }
                         let kept = st.log.split_off(&p.mark);
                         st.log = kept;
                         st.log_bytes = st
@@ -675,6 +702,10 @@ impl Inner {
                     let _ = p.done.send(Ok(data));
                 }
                 Err(errno) => {
+                    if p.replay {
+                        // Checked when a flush completes, whichever connection sent it.
+                        st.replay_failed = Some(errno);
+                    }
                     let _ = p.done.send(Err(Failure::Errno(errno)));
                 }
             }
@@ -691,7 +722,7 @@ impl Inner {
                     len: 0,
                     data: None,
                 };
-                let _ = me.request(req).await;
+                let _ = me.request(req, true).await;
                 me.state().flushing = false;
             });
         }
@@ -736,10 +767,10 @@ fn expire(inner: &Inner, st: &mut State) {
     }
 }
 
-/// Restores a lost connection: attempts with backoff; when one succeeds (same size and
-/// block size), replays the unflushed writes, resends the unanswered requests (flushes
-/// last, once the writes before them are acknowledged), and lets new requests through.
-/// Past `window`, waiting requests fail; the attempts go on.
+/// Restores a lost connection: attempts with backoff; when one succeeds (same block
+/// size, same size or larger), replays the unflushed writes, resends the unanswered
+/// requests (flushes last, once the writes before them are acknowledged), and lets new
+/// requests through. Past `window`, waiting requests fail; the attempts go on.
 async fn reconnect(weak: Weak<Inner>, window: Duration) {
     let mut backoff = FIRST_BACKOFF;
     let attempt_timeout = ATTEMPT_TIMEOUT.min(window.max(Duration::from_secs(1)));
@@ -748,7 +779,9 @@ async fn reconnect(weak: Weak<Inner>, window: Duration) {
         let attempt = tokio::time::timeout(attempt_timeout, open(&inner.addr)).await;
         let result = match attempt {
             Ok(Ok((r, w, info))) => {
-                if info.size != inner.info.size || info.min_block.max(512) != inner.block_size {
+                // A LUN grown online comes back larger: fine, the guest keeps the size it
+                // saw. Smaller, or another block size, is not the disk it had.
+                if info.size < inner.info.size || info.min_block.max(512) != inner.block_size {
                     Err(NbdError::ExportChanged {
                         export: inner.addr.to_uri(),
                         was: (inner.info.size, inner.block_size),
@@ -808,6 +841,10 @@ async fn reconnect(weak: Weak<Inner>, window: Duration) {
         // Replays of an attempt that broke off: the log still holds them, and resending
         // them after newer writes could undo those.
         st.pending.retain(|_, p| !p.replay);
+        // The log still holds whatever an earlier replay failed to write (no flush
+        // trims it while that is unreported) and all of it is written again below,
+        // before any flush: a failure of this replay sets it again.
+        st.replay_failed = None;
         let replays: Vec<Req> = st.log.values().cloned().collect();
         let mut resend = Vec::new();
         let mut flushes = Vec::new();
@@ -831,23 +868,30 @@ async fn reconnect(weak: Weak<Inner>, window: Duration) {
     let mut in_flight: Vec<(Req, oneshot::Receiver<Result<Bytes, Failure>>)> = Vec::new();
     let n_replays = replays.len();
     for req in replays {
-        if in_flight.iter().any(|(r, _)| r.overlaps(&req))
-            && !drain_replays(&inner, &mut in_flight).await
-        {
+        if in_flight.iter().any(|(r, _)| r.overlaps(&req)) && !drain_replays(&mut in_flight).await {
             return;
         }
         let handle = inner.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        inner.state().pending.insert(
-            handle,
-            Pending {
-                req: req.clone(),
-                done: tx,
-                log: false,
-                replay: true,
-                mark: 0,
-            },
-        );
+        {
+            let mut st = inner.state();
+            // Lost already: `lost` dropped the replays, and one added now would never
+            // be answered. The next reconnection replays the log.
+            if st.link != Link::Up(generation) {
+                return;
+            }
+            st.pending.insert(
+                handle,
+                Pending {
+                    req: req.clone(),
+                    done: tx,
+                    log: false,
+                    replay: true,
+                    auto: false,
+                    mark: 0,
+                },
+            );
+        }
         if let Err(e) = send(wr, handle, &req).await {
             // Not a request of anyone's: the log still holds it.
             inner.state().pending.remove(&handle);
@@ -855,7 +899,7 @@ async fn reconnect(weak: Weak<Inner>, window: Duration) {
         }
         in_flight.push((req, rx));
     }
-    if !drain_replays(&inner, &mut in_flight).await {
+    if !drain_replays(&mut in_flight).await {
         return;
     }
 
@@ -901,19 +945,15 @@ async fn reconnect(weak: Weak<Inner>, window: Duration) {
     ));
 }
 
-/// Waits for the replays in flight. False when the connection broke meanwhile.
+/// Waits for the replays in flight. False when the connection broke meanwhile (`lost`
+/// drops the replays, which closes their channels). A failed replay is recorded by
+/// `complete` for the next flush to report.
 async fn drain_replays(
-    inner: &Arc<Inner>,
     in_flight: &mut Vec<(Req, oneshot::Receiver<Result<Bytes, Failure>>)>,
 ) -> bool {
     for (_, rx) in in_flight.drain(..) {
         match rx.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(Failure::Errno(errno))) => {
-                // Acknowledged data the server could not write again: the next flush
-                // reports it.
-                inner.state().replay_failed = Some(errno);
-            }
+            Ok(Ok(_)) | Ok(Err(Failure::Errno(_))) => {}
             Ok(Err(Failure::Offline(_))) | Err(_) => return false,
         }
     }
