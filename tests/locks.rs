@@ -541,3 +541,145 @@ fn a_second_daemon_joins_over_iscsi() {
     );
     promtool_check(&scrape);
 }
+
+/// A lockspace whose remote target does not answer (a portal that accepts the TCP
+/// connection and never replies to the login) is joined in the background: neither
+/// the apply that declares it nor later configuration changes wait for it, and
+/// `lockspace list` reports it not live, with the error once the connect times out.
+#[test]
+fn an_unreachable_lockspace_target_does_not_stall_configuration_changes() {
+    let dir = tempdir();
+    let (d, _portal) = setup(dir.path());
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_portal = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let device = format!("iscsi://{silent_portal}/iqn.2026-11.test:silent/0");
+    let section = format!(
+        "\n[[lockspace]]\nname = \"remote\"\ndevice = \"{device}\"\nheartbeat = \"1s\"\ndead_after = \"3s\"\n"
+    );
+
+    let started = Instant::now();
+    let r = apply_with(&d, dir.path(), "remote.toml", &section).ok();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "config apply took {took:?}");
+    assert!(r.stdout.contains("add lockspace remote"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("joining") || r.stderr.contains("joining"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+
+    // Configuration changes that do not touch the lockspace do not wait for it.
+    for (i, args) in [
+        ["lun", "create", "l1", "--pool", "p0", "--size", "4M"],
+        ["lun", "create", "l2", "--pool", "p0", "--size", "4M"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let started = Instant::now();
+        d.cli(args).ok();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(3), "change {i} took {took:?}");
+    }
+
+    // Not live; once the connect times out the error says why.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let ls = loop {
+        let list = json(&d, &["lockspace", "list"]);
+        let ls = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "remote")
+            .unwrap_or_else(|| panic!("{list:#}"))
+            .clone();
+        assert_ne!(ls["state"], "live", "{ls:#}");
+        if ls["error"].is_string() {
+            break ls;
+        }
+        assert!(Instant::now() < deadline, "no error reported: {ls:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        ls["error"].as_str().unwrap().contains("timed out"),
+        "{ls:#}"
+    );
+    assert_eq!(ls["device"], device);
+    let text = d.cli(&["lockspace", "list"]).ok().stdout;
+    assert!(text.contains("remote") && !text.contains("live"), "{text}");
+
+    // Still prompt while the background retry is connecting again.
+    let started = Instant::now();
+    d.cli(&["lun", "create", "l3", "--pool", "p0", "--size", "4M"])
+        .ok();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "lun create took {took:?}");
+}
+
+/// Two hosts with `format = true` on the same blank device, applied at the same time:
+/// one formats it, the other joins that lockspace (it does not format again over the
+/// first host's slot): one lockspace id, both hosts live in it, no lease lost.
+#[test]
+fn two_hosts_formatting_one_blank_device_share_one_lockspace() {
+    let dir = tempdir();
+    let (a, portal) = setup(dir.path());
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let b = Daemon::start(
+        &b_dir.join("var"),
+        Some("version = 1\n[appliance]\nname = \"node-b\"\n[api]\nlisten = [\"127.0.0.1:0\"]\n"),
+    );
+    let remote = format!(
+        "\n[[lockspace]]\nname = \"shared\"\ndevice = \"iscsi://{portal}/{IQN}/0\"\ninitiator = \"{HOST_B_IQN}\"\nheartbeat = \"1s\"\ndead_after = \"3s\"\nmax_hosts = 8\nmax_locks = 64\nformat = true\n"
+    );
+    let local = format!("{LOCKSPACE}format = true\n");
+    // Both documents written first, then applied together.
+    let a_doc = format!("{}{local}", a.cli(&["config", "export"]).ok().stdout);
+    let b_doc = format!("{}{remote}", b.cli(&["config", "export"]).ok().stdout);
+    let (a_path, b_path) = (dir.path().join("a.toml"), b_dir.join("b.toml"));
+    std::fs::write(&a_path, a_doc).unwrap();
+    std::fs::write(&b_path, b_doc).unwrap();
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| {
+            barrier.wait();
+            a.cli(&["config", "apply", a_path.to_str().unwrap()]).ok();
+        });
+        barrier.wait();
+        b.cli(&["config", "apply", b_path.to_str().unwrap()]).ok();
+        ta.join().unwrap();
+    });
+
+    let on_a = wait_for(&a, &["lockspace", "status", "ls0"], "both live on A", |v| {
+        v["state"] == "live" && v["hosts"]["live"] == 2
+    });
+    let on_b = wait_for(
+        &b,
+        &["lockspace", "status", "shared"],
+        "both live on B",
+        |v| v["state"] == "live" && v["hosts"]["live"] == 2,
+    );
+    assert!(on_a["lockspace_id"].is_string(), "{on_a:#}");
+    assert_eq!(on_a["lockspace_id"], on_b["lockspace_id"]);
+    assert_ne!(on_a["slot"], on_b["slot"]);
+    let formatted = [&a, &b]
+        .iter()
+        .filter(|d| d.log_text().contains("blank device: lockspace formatted"))
+        .count();
+    assert_eq!(formatted, 1, "formatted {formatted} times");
+    // A few heartbeats later neither host has lost its lease (its slot overwritten).
+    std::thread::sleep(Duration::from_secs(3));
+    for (d, name) in [(&a, "ls0"), (&b, "shared")] {
+        let st = json(d, &["lockspace", "status", name]);
+        assert_eq!(st["state"], "live", "{st:#}");
+        assert_eq!(st["lost_total"], 0, "{st:#}");
+        assert_eq!(st["lockspace_id"], on_a["lockspace_id"], "{st:#}");
+    }
+}

@@ -624,6 +624,23 @@ fn a_vm_disk_can_be_a_daemon_lun() {
             out.stderr
         );
     }
+
+    // `pool check` exports and re-imports the pool: the LUN's old handle is dead, and
+    // the VM NBD server serves the new one (else reading the export fails).
+    r.d.cli(&["pool", "check", "p0"]).ok();
+    let copy = r.root.join("root1.copy");
+    let out = std::process::Command::new("nbdcopy")
+        .arg(format!("nbd+unix:///root1?socket={}", socket.display()))
+        .arg(&copy)
+        .output()
+        .expect("nbdcopy (libnbd-bin)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        r.d.log_text()
+    );
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), 16 << 20);
 }
 
 #[test]
@@ -850,4 +867,131 @@ fn a_vm_lun_disk_keeps_working_across_a_daemon_restart() {
         "{v:#}\nvmm.log:\n{}",
         r.vmm_log("busy")
     );
+}
+
+/// A LUN a running VM uses stays its own: its pool is not exported under it, and a
+/// second VM does not start on it (two writers of one LUN corrupt it) unless both disks
+/// are read-only. Once the first VM stops, the second starts.
+#[test]
+fn a_lun_is_not_taken_from_a_running_vm() {
+    let disks = tempdir();
+    let mut doc = String::from(EPHEMERAL);
+    for i in 0..2 {
+        doc += &format!(
+            "\n[[disk]]\nname = \"d{i}\"\npath = \"{}\"\nkind = \"file\"\nsize = \"256M\"\n",
+            disks.path().join(format!("d{i}.img")).display()
+        );
+    }
+    let r = rig(Some(doc));
+    r.d.cli(&["pool", "create", "p0", "--raid", "1", "d0", "d1"])
+        .ok();
+    for lun in ["x", "y"] {
+        r.d.cli(&["lun", "create", lun, "--pool", "p0", "--size", "16M"])
+            .ok();
+    }
+    let spin = r.kernel("spin", &spinning(b"up\n"));
+    let on = |name: &str, lun: &str, ro: bool| {
+        let def = r.definition(
+            name,
+            &spin,
+            json!({"disks": [{"id": "root", "source": {"lun": lun}, "read_only": ro}]}),
+        );
+        assert_eq!(r.api("POST", "/api/v1/vms", Some(&def)).0, 201);
+    };
+    on("a", "p0/x", false);
+    on("b", "p0/x", false);
+    assert_eq!(r.api("POST", "/api/v1/vms/a/start", None).0, 200);
+    r.wait("a", "a boot", |_| r.console("a") == "up\n");
+
+    // The pool of a running VM's LUN is not exported under it.
+    let out = r.d.cli(&["pool", "export", "p0"]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stderr.contains("VM \"a\""), "{}", out.stderr);
+    assert!(r
+        .d
+        .cli(&["--json", "pool", "list"])
+        .ok()
+        .stdout
+        .contains("p0"));
+
+    // A second writer is refused, naming the first.
+    let (code, body) = r.api("POST", "/api/v1/vms/b/start", None);
+    assert_eq!(code, 409, "{body}");
+    let msg = body["message"].as_str().unwrap();
+    assert!(msg.contains("in use by VM \"a\""), "{body}");
+    assert_eq!(state(&r.vm("a")), "running");
+
+    // Read-only disks on both sides share a LUN.
+    on("c", "p0/y", true);
+    on("d", "p0/y", true);
+    for vm in ["c", "d"] {
+        let (code, body) = r.api("POST", &format!("/api/v1/vms/{vm}/start"), None);
+        assert_eq!(code, 200, "{body}");
+    }
+
+    // Once the first stops, the second starts.
+    r.d.cli(&["vm", "stop", "a"]).ok();
+    let (code, body) = r.api("POST", "/api/v1/vms/b/start", None);
+    assert_eq!(code, 200, "{body}");
+    r.wait("b", "a boot", |_| r.console("b") == "up\n");
+    for vm in ["b", "c", "d"] {
+        r.d.cli(&["vm", "kill", vm]).ok();
+    }
+}
+
+/// A running VM's NIC across a daemon restart: the switches come back from their
+/// declared definitions, and the re-adopted VM's port is put back on its TAP (which the
+/// VMM still holds), with the NIC's MAC.
+#[test]
+fn a_vm_nic_port_is_back_after_a_daemon_restart() {
+    let mut r = rig(None);
+    r.d.cli(&["switch", "create", "vsvm"]).ok();
+    r.d.cli(&["switch", "portgroup", "add", "vsvm", "vm-net"])
+        .ok();
+    let spin = r.kernel("spin", &spinning(b"net\n"));
+    let def = r.definition(
+        "spin",
+        &spin,
+        json!({"nics": [{"id": "eth0", "port_group": "vm-net", "mac": "02:ba:00:00:00:09"}]}),
+    );
+    assert_eq!(r.api("POST", "/api/v1/vms", Some(&def)).0, 201);
+    assert_eq!(r.api("POST", "/api/v1/vms/spin/start", None).0, 200);
+    let v = r.wait("spin", "a boot", |_| r.console("spin") == "net\n");
+    let pid = v["status"]["pid"].as_u64().unwrap();
+    let tap = {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in b"spin/eth0" {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        format!("bvm-{h:08x}")
+    };
+    let port = |r: &Rig| -> Option<Value> {
+        let list: Value =
+            serde_json::from_str(&r.d.cli(&["--json", "switch", "list"]).ok().stdout).unwrap();
+        list[0]["status"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == tap.as_str())
+            .cloned()
+    };
+    assert!(port(&r).is_some());
+
+    let data = r.d.data_dir.clone();
+    assert_eq!(r.d.stop(), 0);
+    assert!(alive(pid), "the VMM died with the daemon");
+    r.d = Daemon::start(&data, None);
+    let v = r.vm("spin");
+    assert_eq!(state(&v), "running", "{v:#}");
+    assert_eq!(v["status"]["pid"], pid, "{v:#}");
+    let p =
+        port(&r).unwrap_or_else(|| panic!("no port {tap} after the restart\n{}", r.d.log_text()));
+    assert_eq!(p["portgroup"], "vm-net", "{p}");
+    assert_eq!(p["device"], tap.as_str(), "{p}");
+    assert!(p.to_string().contains("02:ba:00:00:00:09"), "{p}");
+
+    // It goes as before when the VM ends.
+    r.d.cli(&["vm", "kill", "spin"]).ok();
+    assert!(port(&r).is_none(), "port {tap} outlived its VM");
 }

@@ -64,6 +64,12 @@ pub enum LockError {
     /// A lockspace exists already and `force` was not given.
     #[error("a lockspace already exists here")]
     AlreadyFormatted,
+    /// `format_if_blank` over a range that does not read zero.
+    #[error("the range is not blank (non-zero data at byte {offset})")]
+    NotBlank {
+        /// First non-zero byte found.
+        offset: u64,
+    },
     /// A live host already uses this host id.
     #[error("host id already in use by slot {slot}")]
     DuplicateHost {

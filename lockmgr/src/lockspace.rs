@@ -447,6 +447,23 @@ async fn read_header(
     Ok(h)
 }
 
+/// A new header (fresh random lockspace id) for `opts`, checked.
+fn new_header(sector_size: u32, opts: &FormatOptions) -> Result<Header, LockError> {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&random_u64().to_le_bytes());
+    id[8..].copy_from_slice(&random_u64().to_le_bytes());
+    let h = Header {
+        sector_size,
+        lockspace_id: id,
+        max_hosts: opts.max_hosts,
+        max_locks: opts.max_locks,
+        heartbeat_ms: u32::try_from(opts.heartbeat.as_millis()).unwrap_or(u32::MAX),
+        dead_after_ms: u32::try_from(opts.dead_after.as_millis()).unwrap_or(u32::MAX),
+    };
+    h.validate().map_err(LockError::InvalidFormat)?;
+    Ok(h)
+}
+
 impl Lockspace {
     /// Writes an empty lockspace at byte `base` of `dev` (an administrative step, like
     /// mkfs: no host may be using the range). Refuses to overwrite a valid lockspace
@@ -457,18 +474,7 @@ impl Lockspace {
         opts: &FormatOptions,
     ) -> Result<Header, LockError> {
         let g = dev.geometry();
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&random_u64().to_le_bytes());
-        id[8..].copy_from_slice(&random_u64().to_le_bytes());
-        let h = Header {
-            sector_size: g.block_size,
-            lockspace_id: id,
-            max_hosts: opts.max_hosts,
-            max_locks: opts.max_locks,
-            heartbeat_ms: u32::try_from(opts.heartbeat.as_millis()).unwrap_or(u32::MAX),
-            dead_after_ms: u32::try_from(opts.dead_after.as_millis()).unwrap_or(u32::MAX),
-        };
-        h.validate().map_err(LockError::InvalidFormat)?;
+        let h = new_header(g.block_size, opts)?;
         let end = base.saturating_add(h.total_bytes());
         if end > g.capacity_bytes() || !base.is_multiple_of(u64::from(g.block_size)) {
             return Err(LockError::TooSmall {
@@ -496,6 +502,76 @@ impl Lockspace {
         )
         .await?;
         Ok(h)
+    }
+
+    /// Formats a blank range (`format = true` on a fresh device): checks that the
+    /// whole range the lockspace takes reads zero, then writes the header with
+    /// COMPARE AND WRITE against a zeroed sector, and writes nothing else (the regions
+    /// read zero already, which is their empty state). Of hosts formatting the same
+    /// blank range at once, exactly one writes its header; the others get
+    /// [`LockError::AlreadyFormatted`] and join the winner's lockspace. Writing
+    /// nothing but the header is what makes that safe: the winner may already have
+    /// joined (written its slot) when a loser gets there.
+    ///
+    /// A range that does not read zero is [`LockError::NotBlank`] (or
+    /// [`LockError::AlreadyFormatted`] when it holds a lockspace).
+    pub async fn format_if_blank(
+        dev: &SharedBlockDev,
+        base: u64,
+        opts: &FormatOptions,
+    ) -> Result<Header, LockError> {
+        let g = dev.geometry();
+        let h = new_header(g.block_size, opts)?;
+        let end = base.saturating_add(h.total_bytes());
+        if end > g.capacity_bytes() || !base.is_multiple_of(u64::from(g.block_size)) {
+            return Err(LockError::TooSmall {
+                needed: h.total_bytes(),
+                offset: base,
+                capacity: g.capacity_bytes(),
+            });
+        }
+        let t = Duration::from_secs(30);
+        if read_header(dev, base, t).await.is_ok() {
+            return Err(LockError::AlreadyFormatted);
+        }
+        let step = u64::from(g.max_io_bytes.clamp(g.block_size.max(4096), 1 << 20));
+        let mut at = 0;
+        while at < h.total_bytes() {
+            let n = step.min(h.total_bytes() - at);
+            let len = usize::try_from(n).unwrap_or(usize::MAX);
+            let b = cas::read(&**dev, base + at, len, t, &mut Trips::default()).await?;
+            if b.iter().any(|&x| x != 0) {
+                return Err(if at == 0 && read_header(dev, base, t).await.is_ok() {
+                    LockError::AlreadyFormatted
+                } else {
+                    LockError::NotBlank {
+                        offset: base + at + b.iter().position(|&x| x != 0).unwrap_or(0) as u64,
+                    }
+                });
+            }
+            at += n;
+        }
+        let sector = h.sector_size as usize;
+        let new = Bytes::from(h.encode());
+        let zero = Bytes::from(vec![0u8; sector]);
+        let fua = basalt_blockdev::WriteFlags { fua: true };
+        let r = tokio::time::timeout(t, dev.compare_and_write(base, zero, new.clone(), fua))
+            .await
+            .map_err(|_| LockError::IoTimeout("header compare-and-write"))??;
+        match r {
+            basalt_blockdev::CompareOutcome::Written => Ok(h),
+            basalt_blockdev::CompareOutcome::Miscompare { .. } => {
+                // Lost the race (or this host's own write, retried underneath).
+                let cur = cas::read(&**dev, base, sector, t, &mut Trips::default()).await?;
+                if cur == new {
+                    Ok(h)
+                } else if read_header(dev, base, t).await.is_ok() {
+                    Err(LockError::AlreadyFormatted)
+                } else {
+                    Err(LockError::NotBlank { offset: base })
+                }
+            }
+        }
     }
 
     /// Reads and checks the header at `base`.

@@ -726,6 +726,71 @@ async fn format_guards() {
     ));
 }
 
+/// Two hosts formatting the same blank range at once (`format = true` on both):
+/// their blank checks interleave (every read is delayed), yet exactly one header is
+/// written; the other host gets `AlreadyFormatted` and joins the same lockspace, and a
+/// late `format_if_blank` after the winner joined leaves its slot alone.
+#[tokio::test(start_paused = true)]
+async fn format_if_blank_has_one_winner() {
+    let fault = Arc::new(basalt_blockdev::FaultDev::new(Arc::new(MemDev::new(
+        8192, BS,
+    ))));
+    fault.set_latency(
+        basalt_blockdev::fault::FaultOp::Read,
+        Duration::from_millis(5),
+    );
+    let dev: SharedBlockDev = fault.clone();
+    let opts = FormatOptions {
+        max_hosts: 8,
+        max_locks: 32,
+        ..FormatOptions::default()
+    };
+    let (a, b) = tokio::join!(
+        Lockspace::format_if_blank(&dev, 0, &opts),
+        Lockspace::format_if_blank(&dev, 0, &opts)
+    );
+    let (won, lost) = match (a, b) {
+        (Ok(h), Err(e)) | (Err(e), Ok(h)) => (h, e),
+        other => panic!("want exactly one winner: {other:?}"),
+    };
+    assert!(matches!(lost, LockError::AlreadyFormatted), "{lost:?}");
+    assert_eq!(Lockspace::read_header(&dev, 0).await.unwrap(), won);
+
+    let first = Lockspace::join(dev.clone(), 0, JoinOptions::new([1; 16], "a"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        Lockspace::format_if_blank(&dev, 0, &opts).await,
+        Err(LockError::AlreadyFormatted)
+    ));
+    let second = Lockspace::join(dev.clone(), 0, JoinOptions::new([2; 16], "b"))
+        .await
+        .unwrap();
+    assert_eq!(first.header().lockspace_id, won.lockspace_id);
+    assert_eq!(second.header().lockspace_id, won.lockspace_id);
+    assert_ne!(first.slot(), second.slot());
+    assert_eq!(first.state(), HostState::Live);
+
+    // Data anywhere in the range: not blank, nothing written.
+    let dirty: SharedBlockDev = Arc::new(MemDev::new(8192, BS));
+    dirty
+        .write(
+            u64::from(BS) * 3,
+            Bytes::from(vec![7u8; BS as usize]),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        Lockspace::format_if_blank(&dirty, 0, &opts).await,
+        Err(LockError::NotBlank { offset }) if offset == u64::from(BS) * 3
+    ));
+    assert!(matches!(
+        Lockspace::read_header(&dirty, 0).await,
+        Err(LockError::NotFormatted(_))
+    ));
+}
+
 /// The exclusion oracle (sanlock's devcount, in process): hosts on their own threads
 /// loop acquiring, checking and releasing a few resources in exclusive and shared
 /// modes, with lost CAW answers injected. Every exclusive holder stamps an oracle

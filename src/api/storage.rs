@@ -217,6 +217,9 @@ pub async fn import_pools(
         result.generation = more.generation;
         result.warnings.extend(more.warnings);
     }
+    // A pool imported again has new LUN handles: a VM still exporting the old ones (the
+    // 5 s janitor would catch it too) gets the new ones now.
+    state.vms.refresh_exports().await;
     Ok(Json(result))
 }
 
@@ -250,6 +253,15 @@ pub async fn export_pool(
                     "LUN {l:?} of pool {name:?} is exported by a target; remove that export first"
                 )));
             }
+            // Under the mutation lock, which VM starts take around their LUN lookup.
+            let vms = state.vms.active_on_pool(&name)?;
+            if !vms.is_empty() {
+                let vms: Vec<String> = vms.iter().map(|v| format!("VM {v:?}")).collect();
+                return Err(ApiError::Conflict(format!(
+                    "pool {name:?} has a LUN in use by {}, which is running; stop it first",
+                    vms.join(", ")
+                )));
+            }
             desired
                 .sections
                 .pool
@@ -265,13 +277,9 @@ pub async fn export_pool(
 }
 
 /// What uses LUN `name` (of pool `pool`): target exports, lockspaces, VM disks. A LUN in
-/// use is neither deleted nor renamed.
-async fn lun_users(
-    state: &ApiState,
-    t: &Typed,
-    pool: &str,
-    name: &str,
-) -> Result<Vec<String>, ApiError> {
+/// use is neither deleted nor renamed. Asked with the appliance's mutation lock held
+/// (VM starts take it around their LUN lookup), hence synchronous.
+fn lun_users(state: &ApiState, t: &Typed, pool: &str, name: &str) -> Result<Vec<String>, ApiError> {
     let mut users = Vec::new();
     if exported(t, name) {
         users.push("a target export".to_string());
@@ -281,7 +289,7 @@ async fn lun_users(
             users.push(format!("lockspace {:?}", ls.name));
         }
     }
-    for vm in state.vms.using_lun(pool, name).await? {
+    for vm in state.vms.using_lun(pool, name)? {
         users.push(format!("VM {vm:?}"));
     }
     Ok(users)
@@ -348,7 +356,11 @@ pub async fn check_pool(
     Path(name): Path<String>,
     Json(req): Json<CheckRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let report = state.appliance.check_pool(&name, req.repair).await?;
+    let report = state.appliance.check_pool(&name, req.repair).await;
+    // The check exported and re-imported the pool: the VM NBD server's handles of its
+    // LUNs are dead; serve the new ones (the VMMs reconnect and replay).
+    state.vms.refresh_exports().await;
+    let report = report?;
     serde_json::to_value(report)
         .map(Json)
         .map_err(|e| ApiError::Internal(e.to_string()))
@@ -522,23 +534,26 @@ pub async fn delete_lun(
                 .map(|l| l.pool.clone())
         })
         .unwrap_or_default();
-    let users = lun_users(&state, &t, &pool, &name).await?;
-    if !users.is_empty() {
-        return Err(in_use(&name, &users));
-    }
     if !t.luns.iter().any(|l| l.name == name) {
         // A snapshot, or a volume nobody declared: a run-time object.
-        let (_, pool) = state
+        let (_, handle) = state
             .appliance
             .storage()
             .find_lun(&name)
             .ok_or_else(|| ApiError::NotFound(format!("no LUN named {name:?}")))?;
-        let n = name.clone();
+        let (n, st) = (name.clone(), state.clone());
         state
             .appliance
-            .exclusive(|| async move { pool.delete(&n).await })
-            .await
-            .map_err(pool_error)?;
+            .exclusive(|| async move {
+                // The users under the lock: no VM start slips in between.
+                let t = typed(&st.appliance.desired().await?)?;
+                let users = lun_users(&st, &t, &pool, &n)?;
+                if !users.is_empty() {
+                    return Err(in_use(&n, &users));
+                }
+                handle.delete(&n).await.map_err(pool_error)
+            })
+            .await?;
         return Ok(Json(ApplyResult {
             changes: vec![format!("delete {name}")],
             ..ApplyResult::default()
@@ -550,7 +565,13 @@ pub async fn delete_lun(
     };
     let result = state
         .appliance
-        .update_with(opts, move |desired| {
+        .update_with(opts, |desired| {
+            // The users under the mutation lock: no VM start slips in between.
+            let t = typed(desired)?;
+            let users = lun_users(&state, &t, &pool, &name)?;
+            if !users.is_empty() {
+                return Err(in_use(&name, &users));
+            }
             desired
                 .sections
                 .lun
@@ -571,18 +592,17 @@ pub async fn rename_lun(
     Json(req): Json<NewName>,
 ) -> Result<Json<ApplyResult>, ApiError> {
     basalt_config::check_name(&req.name).map_err(bad)?;
-    let desired = state.appliance.desired().await?;
-    let t = typed(&desired)?;
-    let (pool, _) = state
+    let result = state
         .appliance
-        .storage()
-        .find_lun(&name)
-        .ok_or_else(|| ApiError::NotFound(format!("no LUN named {name:?}")))?;
-    let users = lun_users(&state, &t, &pool, &name).await?;
-    if !users.is_empty() {
-        return Err(in_use(&name, &users));
-    }
-    let result = state.appliance.rename_lun(&name, &req.name).await?;
+        .rename_lun(&name, &req.name, |t, pool| {
+            let users = lun_users(&state, t, pool, &name)?;
+            if users.is_empty() {
+                Ok(())
+            } else {
+                Err(in_use(&name, &users))
+            }
+        })
+        .await?;
     Ok(Json(result))
 }
 

@@ -276,6 +276,9 @@ pub async fn config(client: &Client, args: &ClientArgs, cmd: ConfigCommand) -> R
                     println!("Configuration generation {}", result.generation);
                 }
             }
+            for w in &result.warnings {
+                println!("warning: {w}");
+            }
         }
     }
     Ok(())

@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
+/// How long an apply that changes lockspace sections waits for their joins before
+/// reporting them as still joining (they go on in the background).
+const APPLY_JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The running appliance.
 pub struct Appliance {
     data_dir: PathBuf,
@@ -94,9 +98,10 @@ impl Appliance {
                 appliance.switches.reconcile(&typed.switches).await?;
                 // Joining may wait a dead-host timeout (a previous incarnation's slot):
                 // in the background, so that the API comes up meanwhile.
+                // Generation 0: skipped if an apply has reconciled (newer) meanwhile.
                 let a = appliance.clone();
                 tokio::spawn(async move {
-                    for w in a.reconcile_lockspaces(&typed).await {
+                    for w in a.reconcile_lockspaces(0, &typed.lockspaces).await {
                         tracing::error!(problem = %w, "lockspace not joined");
                     }
                 });
@@ -108,7 +113,9 @@ impl Appliance {
             }
         }
         // Lost or unreachable lockspaces are rejoined, backing off from 5 s to
-        // 5 minutes while they keep failing.
+        // 5 minutes while they keep failing. Not under the mutation lock: a join can
+        // take a connect timeout plus a dead-host timeout, and `Lockspaces` serializes
+        // its own joins.
         let weak = Arc::downgrade(&appliance);
         tokio::spawn(async move {
             let mut pause = std::time::Duration::from_secs(5);
@@ -119,9 +126,13 @@ impl Appliance {
                     pause = std::time::Duration::from_secs(5);
                     continue;
                 }
-                let _guard = a.mutation.lock().await;
-                if let Ok(Ok(typed)) = a.desired().await.map(|d| Typed::parse(&d)) {
-                    a.reconcile_lockspaces(&typed).await;
+                let store = a.store.clone();
+                // The generation first: the state read after it is at least as new.
+                let read = blocking(move || Ok((store.generation()?, store.desired_state()?)));
+                if let Ok((generation, desired)) = read.await {
+                    if let Ok(typed) = Typed::parse(&desired) {
+                        a.reconcile_lockspaces(generation, &typed.lockspaces).await;
+                    }
                 }
                 pause = (pause * 2).min(std::time::Duration::from_secs(300));
             }
@@ -253,11 +264,15 @@ impl Appliance {
         Ok(HostDefaults { id, name })
     }
 
-    async fn reconcile_lockspaces(&self, typed: &Typed) -> Vec<String> {
+    async fn reconcile_lockspaces(
+        &self,
+        generation: u64,
+        specs: &[super::sections::LockspaceSpec],
+    ) -> Vec<String> {
         match self.host_defaults().await {
             Ok(host) => {
                 self.lockspaces
-                    .reconcile(&typed.lockspaces, &self.storage, &host)
+                    .reconcile(generation, specs, &self.storage, &host)
                     .await
             }
             Err(e) => vec![format!("lockspaces: {e}")],
@@ -265,11 +280,12 @@ impl Appliance {
     }
 
     /// `basalt lockspace format NAME`: an explicit, refused over an existing lockspace.
+    /// Serialized by `Lockspaces` with the joins, not under the mutation lock (a join
+    /// in progress may wait a connect timeout).
     pub async fn format_lockspace(
         &self,
         name: &str,
     ) -> Result<super::lockspaces::LockspaceInfo, ApiError> {
-        let _guard = self.mutation.lock().await;
         self.lockspaces.format(name, &self.storage).await
     }
 
@@ -504,11 +520,13 @@ impl Appliance {
     /// Renames a LUN: in its pool first, then in the desired state, under one lock so
     /// that no apply in between finds the declared name missing (and creates an empty
     /// LUN of that name). If the configuration cannot take the new name, the pool's
-    /// rename is undone.
+    /// rename is undone. `check` (given the desired state and the LUN's pool) refuses a
+    /// LUN in use; it runs under the lock, so that no VM start slips in between.
     pub async fn rename_lun(
         self: &Arc<Self>,
         old: &str,
         new: &str,
+        check: impl FnOnce(&Typed, &str) -> Result<(), ApiError>,
     ) -> Result<ApplyResult, ApiError> {
         let _guard = self.mutation.lock().await;
         let store = self.store.clone();
@@ -517,10 +535,11 @@ impl Appliance {
         if typed.luns.iter().any(|l| l.name == new) || self.storage.find_lun(new).is_some() {
             return Err(ApiError::Conflict(format!("a LUN named {new:?} exists")));
         }
-        let (_, pool) = self
+        let (pool_name, pool) = self
             .storage
             .find_lun(old)
             .ok_or_else(|| ApiError::NotFound(format!("no LUN named {old:?}")))?;
+        check(&typed, &pool_name)?;
         pool.rename(old, new)
             .await
             .map_err(super::storage::pool_error)?;
@@ -714,7 +733,26 @@ impl Appliance {
         if let Err(e) = self.reconcile_targets(&typed).await {
             warnings.push(e.to_string());
         }
-        warnings.extend(self.reconcile_lockspaces(&typed).await);
+        // Lockspaces are joined in the background: a join can take a connect timeout
+        // (a remote target down) plus a dead-host timeout, and must not hold the
+        // mutation lock. When the lockspace sections changed, the outcome is waited
+        // for a moment so that the result reports it; past that it says "joining".
+        let lockspaces_changed =
+            Typed::parse(&before).map_or(true, |b| b.lockspaces != typed.lockspaces);
+        let a = self.clone();
+        let specs = typed.lockspaces.clone();
+        let mut joins =
+            tokio::spawn(async move { a.reconcile_lockspaces(generation, &specs).await });
+        if lockspaces_changed {
+            match tokio::time::timeout(APPLY_JOIN_WAIT, &mut joins).await {
+                Ok(Ok(w)) => warnings.extend(w),
+                Ok(Err(e)) => warnings.push(format!("lockspaces: {e}")),
+                Err(_) => warnings.push(
+                    "lockspaces: still joining in the background; see `basalt lockspace list`"
+                        .to_string(),
+                ),
+            }
+        }
         self.switches.reconcile(&typed.switches).await?;
         if plan.api_changed {
             self.listeners.replace(new_listeners, &desired.api.listen);

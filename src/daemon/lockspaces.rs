@@ -235,8 +235,13 @@ impl Entry {
 #[derive(Default)]
 pub struct Lockspaces {
     entries: Mutex<BTreeMap<String, Entry>>,
-    /// Serializes reconciles and formats (joins may take a dead-host timeout).
+    /// Serializes reconciles and formats (joins may take a dead-host timeout). This,
+    /// not the appliance's mutation lock, is what joins hold: they run in the
+    /// background, so that a target that is down never stalls configuration changes.
     serial: tokio::sync::Mutex<()>,
+    /// The newest configuration generation reconciled: a reconcile of an older one
+    /// (overtaken in the background by a later apply) is skipped.
+    applied: AtomicU64,
     /// Set at shutdown: nothing is joined any more.
     stopped: std::sync::atomic::AtomicBool,
 }
@@ -366,26 +371,6 @@ async fn open(
     }
 }
 
-/// True when `len` bytes from 0 read zero (a fresh LUN), so formatting loses nothing.
-async fn reads_zero(dev: &SharedBlockDev, len: u64) -> Result<bool, String> {
-    let g = dev.geometry();
-    let step = u64::from(g.max_io_bytes.clamp(g.block_size.max(4096), 1 << 20));
-    let len = len.min(g.capacity_bytes());
-    let mut at = 0;
-    while at < len {
-        let n = step.min(len - at);
-        let b = dev
-            .read(at, usize::try_from(n).unwrap_or(1 << 20))
-            .await
-            .map_err(|e| e.to_string())?;
-        if b.iter().any(|&x| x != 0) {
-            return Ok(false);
-        }
-        at += n;
-    }
-    Ok(true)
-}
-
 /// Why a lockspace cannot be joined (the phase it stays in).
 enum JoinFailure {
     Unformatted(String),
@@ -407,15 +392,19 @@ impl Lockspaces {
 
     /// Brings the joined lockspaces in line with `specs`: leaves the ones gone (or
     /// whose device or identity changed), joins the new ones and rejoins lost ones.
-    /// Returns what could not be joined.
+    /// Returns what could not be joined. `generation`: the configuration generation
+    /// `specs` come from; older than one reconciled already, nothing is done.
     pub async fn reconcile(
         &self,
+        generation: u64,
         specs: &[LockspaceSpec],
         storage: &Storage,
         host: &HostDefaults,
     ) -> Vec<String> {
         let _serial = self.serial.lock().await;
-        if self.stopped.load(Ordering::Relaxed) {
+        if self.stopped.load(Ordering::Relaxed)
+            || self.applied.fetch_max(generation, Ordering::Relaxed) > generation
+        {
             return Vec::new();
         }
         let leaving: Vec<(String, Entry)> = {
@@ -505,8 +494,8 @@ impl Lockspaces {
                 .get_mut(name)
                 .ok_or_else(|| format!("no lockspace named {name:?}"))?;
             let old = e.retire();
+            // The last error stays shown while rejoining (a target still down).
             e.phase = Phase::Joining;
-            e.error = None;
             (e.spec.clone(), e.host_id, e.host_name.clone(), old)
         };
         drop(old);
@@ -541,6 +530,7 @@ impl Lockspaces {
                 e.ls = Some(ls);
                 e.header = Some(header);
                 e.phase = Phase::Joined;
+                e.error = None;
                 Ok(())
             }
             Err(JoinFailure::Unformatted(m)) => {
@@ -586,23 +576,26 @@ impl Lockspaces {
         let header = match Lockspace::read_header(&dev, 0).await {
             Ok(h) => h,
             Err(LockError::NotFormatted(_)) if spec.format => {
-                let size = u64::from(dev.geometry().block_size)
-                    * (1 + u64::from(opts.max_hosts) + u64::from(opts.max_locks));
-                match reads_zero(&dev, size).await {
-                    Ok(true) => {
-                        Lockspace::format(&dev, 0, &opts)
-                            .await
-                            .map_err(|e| JoinFailure::Error(format!("format: {e}")))?;
+                // Atomic against another host formatting the same blank device: the
+                // header goes in with COMPARE AND WRITE against a zeroed sector; the
+                // host that loses joins the winner's lockspace.
+                match Lockspace::format_if_blank(&dev, 0, &opts).await {
+                    Ok(h) => {
                         tracing::info!(lockspace = %spec.name, "blank device: lockspace formatted (format = true)");
+                        h
+                    }
+                    Err(LockError::AlreadyFormatted) => {
+                        tracing::info!(lockspace = %spec.name,
+                            "blank device formatted by another host meanwhile: joining its lockspace");
                         Lockspace::read_header(&dev, 0)
                             .await
                             .map_err(|e| JoinFailure::Error(e.to_string()))?
                     }
-                    Ok(false) => return Err(JoinFailure::Unformatted(format!(
+                    Err(LockError::NotBlank { .. }) => return Err(JoinFailure::Unformatted(format!(
                         "{} holds no lockspace but is not blank: not formatted; `basalt lockspace format {}` formats it anyway",
                         device_label(&spec.device), spec.name
                     ))),
-                    Err(e) => return Err(JoinFailure::Error(e)),
+                    Err(e) => return Err(JoinFailure::Error(format!("format: {e}"))),
                 }
             }
             Err(LockError::NotFormatted(_)) => {

@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 /// The VM folders' directory in the data directory.
@@ -129,8 +129,10 @@ impl Vms {
             nbd: tokio::sync::Mutex::new(None),
             runtime: tokio::runtime::Handle::current(),
             nic_lock: Mutex::new(()),
+            supervisor: OnceLock::new(),
         });
         let supervisor = Supervisor::new(store, SupervisorConfig::new(exe), handover.clone());
+        let _ = handover.supervisor.set(Arc::downgrade(&supervisor));
         let adopted = supervisor
             .recover()
             .await
@@ -140,6 +142,11 @@ impl Vms {
             // Their LUN disks reconnect to the VM NBD server (basalt_compute::nbd): serve
             // it again at once, at the same socket path.
             handover.reexport(supervisor.store(), &adopted).await;
+            // Their NICs' ports went with the last daemon's switches (which restart from
+            // their declared definitions): put them back on their TAPs, which the VMMs
+            // still hold.
+            let (h, sup, names) = (handover.clone(), supervisor.clone(), adopted.clone());
+            let _ = tokio::task::spawn_blocking(move || h.readd_ports(sup.store(), &names)).await;
         }
         // NIC ports of VMs that ended (crashed, powered off) are taken off their switches
         // now and then; stop, kill and delete do it at once.
@@ -148,6 +155,9 @@ impl Vms {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
+                // LUN handles replaced under the VM NBD server (pool check, re-import)
+                // are exported again.
+                h.refresh_exports().await;
                 let (sup, h) = (sup.clone(), h.clone());
                 let _ = tokio::task::spawn_blocking(move || h.release_ports(&sup, None)).await;
             }
@@ -161,25 +171,56 @@ impl Vms {
     }
 
     /// The VMs whose definition names LUN `POOL/LUN` as a disk (a LUN they use must not
-    /// be deleted or renamed under them).
-    pub async fn using_lun(&self, pool: &str, lun: &str) -> Result<Vec<String>, ApiError> {
-        let store = self.supervisor.store().clone();
+    /// be deleted or renamed under them). Synchronous (a scan of the VM folders), so that
+    /// it can be asked with the appliance's mutation lock held, which VM starts take
+    /// around their LUN lookup too.
+    pub fn using_lun(&self, pool: &str, lun: &str) -> Result<Vec<String>, ApiError> {
         let wanted = format!("{pool}/{lun}");
-        blocking(move || {
-            Ok(store
-                .list()?
-                .into_iter()
-                .filter(|e| {
-                    e.definition.as_ref().is_ok_and(|d| {
-                        d.disks
-                            .iter()
-                            .any(|disk| matches!(&disk.source, DiskSource::Lun(l) if *l == wanted))
-                    })
+        Ok(self
+            .supervisor
+            .store()
+            .list()?
+            .into_iter()
+            .filter(|e| {
+                e.definition.as_ref().is_ok_and(|d| {
+                    d.disks
+                        .iter()
+                        .any(|disk| matches!(&disk.source, DiskSource::Lun(l) if *l == wanted))
                 })
-                .map(|e| e.name)
-                .collect())
-        })
-        .await
+            })
+            .map(|e| e.name)
+            .collect())
+    }
+
+    /// The active (starting, running, ...) VMs with a disk on a LUN of pool `pool`: the
+    /// pool must not be exported under them. Synchronous, as [`Vms::using_lun`].
+    pub fn active_on_pool(&self, pool: &str) -> Result<Vec<String>, ApiError> {
+        let prefix = format!("{pool}/");
+        Ok(self
+            .supervisor
+            .store()
+            .list()?
+            .into_iter()
+            .filter(|e| {
+                e.definition.as_ref().is_ok_and(|d| {
+                    d.disks.iter().any(
+                        |disk| matches!(&disk.source, DiskSource::Lun(l) if l.starts_with(&prefix)),
+                    )
+                })
+            })
+            .filter(|e| {
+                self.supervisor
+                    .status(&e.name)
+                    .is_ok_and(|s| s.state.is_active())
+            })
+            .map(|e| e.name)
+            .collect())
+    }
+
+    /// Exports again, with the current handles, the LUNs whose handle changed under the
+    /// VM NBD server (`pool check`, a re-import): the old handles fail.
+    pub async fn refresh_exports(&self) {
+        self.handover.refresh_exports().await;
     }
 
     /// `POST /vms`: a new VM folder from a definition (JSON).
@@ -407,6 +448,8 @@ pub struct Handover {
     /// Serializes making NIC ports (in a start) and taking them away (after a VM ended),
     /// so that a port being made for a start is never taken for a stale one.
     nic_lock: Mutex<()>,
+    /// The supervisor this resolves for (set once it exists): which other VMs are active.
+    supervisor: OnceLock<Weak<Supervisor>>,
 }
 
 /// The switch port (and TAP device) name of a VM's NIC: 15 characters at most.
@@ -419,7 +462,144 @@ pub fn vm_port_name(vm: &str, nic: &str) -> String {
     format!("{VM_PORT_PREFIX}{h:08x}")
 }
 
+/// The VM NBD server's configuration for `devices`: one export per LUN, unix socket only.
+fn nbd_config(devices: &Devices) -> NbdConfig {
+    NbdConfig {
+        listen: Vec::new(),
+        exports: devices
+            .keys()
+            .map(|n| {
+                (
+                    n.clone(),
+                    ExportConfig {
+                        description: Some("VM disk".into()),
+                        ..ExportConfig::default()
+                    },
+                )
+            })
+            .collect(),
+        ..NbdConfig::default()
+    }
+}
+
+/// The switch port of NIC `i` (`nic`) of VM `def`: a `netdev` port on the TAP of the
+/// same name, with the NIC's MAC.
+fn nic_port_spec(
+    def: &VmDefinition,
+    i: usize,
+    nic: &basalt_compute::definition::Nic,
+) -> basalt_net::PortSpec {
+    let name = vm_port_name(&def.name, &nic.id);
+    let mac = def
+        .nic_mac(i)
+        .map(|m| {
+            format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            )
+        })
+        .and_then(|s| s.parse().ok());
+    basalt_net::PortSpec {
+        name: name.clone(),
+        portgroup: nic.port_group.clone(),
+        kind: basalt_net::PortKind::Netdev,
+        mac,
+        interface: Some(name),
+        host: None,
+    }
+}
+
 impl Handover {
+    /// Re-exports, with the handle the storage has now, every export whose LUN handle
+    /// changed (the pool was checked or re-imported: the old handle fails). The server
+    /// drains the old export; the VMMs' NBD clients reconnect and replay. LUNs that are
+    /// not up now are left as they are (a later pass, or the next start, sees them).
+    async fn refresh_exports(&self) {
+        let storage = self.appliance.storage();
+        let mut guard = self.nbd.lock().await;
+        let Some((server, devices)) = guard.as_mut() else {
+            return;
+        };
+        let mut fresh = devices.clone();
+        let mut changed = Vec::new();
+        for (name, dev) in fresh.iter_mut() {
+            if let Some((now, _)) = storage.lun_dev(name) {
+                let now = now as basalt_blockdev::SharedBlockDev;
+                if !Arc::ptr_eq(dev, &now) {
+                    *dev = now;
+                    changed.push(name.clone());
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        match server
+            .reconfigure(nbd_config(&fresh), fresh.clone(), None)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(luns = ?changed, "VM NBD server exports the LUNs' new handles");
+                *devices = fresh;
+            }
+            Err(e) => {
+                tracing::error!(luns = ?changed, error = %e, "cannot re-export LUNs to the VMs")
+            }
+        }
+    }
+
+    /// Puts the NIC ports of the VMs `names` (adopted at startup) back on their
+    /// switches: the same port on the TAP the VMM still holds. Blocks (switch calls).
+    fn readd_ports(&self, store: &VmStore, names: &[String]) {
+        let _serial = self.nic_lock.lock().unwrap_or_else(|p| p.into_inner());
+        for vm in names {
+            let Ok(def) = store.get(vm) else { continue };
+            for (i, nic) in def.nics.iter().enumerate() {
+                let spec = nic_port_spec(&def, i, nic);
+                let port = spec.name.clone();
+                let sw = match self.appliance.switches().with_portgroup(&nic.port_group) {
+                    Ok(sw) => sw,
+                    Err(e) => {
+                        tracing::error!(vm = %vm, nic = %nic.id, error = %e, "NIC of a running VM has no switch");
+                        continue;
+                    }
+                };
+                if sw.port(&port).is_some() {
+                    continue;
+                }
+                if !Path::new("/sys/class/net").join(&port).exists() {
+                    tracing::error!(vm = %vm, nic = %nic.id, %port, "TAP of a running VM is gone");
+                    continue;
+                }
+                match sw.add_port(spec) {
+                    Ok(_) => tracing::info!(vm = %vm, nic = %nic.id, %port, "VM NIC port restored"),
+                    Err(e) => {
+                        tracing::error!(vm = %vm, nic = %nic.id, %port, error = %e, "cannot restore a VM NIC port")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The other active VM that has a disk on LUN `source` (`POOL/LUN`), unless both
+    /// disks are read-only: two writers of one LUN corrupt it.
+    fn sharing(&self, def: &VmDefinition, source: &str, read_only: bool) -> Option<String> {
+        let sup = self.supervisor.get().and_then(Weak::upgrade)?;
+        let list = sup.store().list().ok()?;
+        list.into_iter()
+            .filter(|e| e.name != def.name)
+            .filter(|e| {
+                e.definition.as_ref().is_ok_and(|other| {
+                    other.disks.iter().any(|d| {
+                        matches!(&d.source, DiskSource::Lun(l) if l == source)
+                            && !(d.read_only && read_only)
+                    })
+                })
+            })
+            .find(|e| sup.status(&e.name).is_ok_and(|s| s.state.is_active()))
+            .map(|e| e.name)
+    }
+
     /// Exports `luns` (export name = LUN name) on the VM NBD server, starting it on first
     /// use; exports of LUNs that no longer exist are dropped.
     async fn export(
@@ -450,22 +630,7 @@ impl Handover {
         if !changed {
             return Ok(());
         }
-        let config = NbdConfig {
-            listen: Vec::new(),
-            exports: devices
-                .keys()
-                .map(|n| {
-                    (
-                        n.clone(),
-                        ExportConfig {
-                            description: Some("VM disk".into()),
-                            ..ExportConfig::default()
-                        },
-                    )
-                })
-                .collect(),
-            ..NbdConfig::default()
-        };
+        let config = nbd_config(&devices);
         match guard.as_mut() {
             Some((server, d)) => {
                 server
@@ -557,8 +722,7 @@ impl Handover {
 
     fn resolve_inner(&self, def: &VmDefinition, dir: &Path) -> Result<Launch, String> {
         let mut args = VmmArgs::new(dir);
-        let storage = self.appliance.storage();
-        let mut luns = Vec::new();
+        let mut lun_disks = Vec::new();
         for d in &def.disks {
             let DiskSource::Lun(source) = &d.source else {
                 continue;
@@ -566,25 +730,7 @@ impl Handover {
             let (pool, lun) = source
                 .split_once('/')
                 .ok_or_else(|| format!("disk {}: LUN {source:?} must be POOL/LUN", d.id))?;
-            match storage.find_lun(lun) {
-                Some((p, _)) if p == pool => {}
-                Some((p, _)) => {
-                    return Err(format!(
-                        "disk {}: LUN {lun:?} is in pool {p:?}, not {pool:?}",
-                        d.id
-                    ))
-                }
-                None => {
-                    return Err(format!(
-                        "disk {}: no LUN {lun:?} is up in pool {pool:?}",
-                        d.id
-                    ))
-                }
-            }
-            let (dev, _) = storage
-                .lun_dev(lun)
-                .ok_or_else(|| format!("disk {}: LUN {source:?} is not up", d.id))?;
-            luns.push((lun.to_string(), dev as basalt_blockdev::SharedBlockDev));
+            lun_disks.push((d, source, pool, lun));
             args.disks.push((
                 d.id.clone(),
                 DiskEndpoint::Nbd(NbdAddress::Unix {
@@ -593,9 +739,44 @@ impl Handover {
                 }),
             ));
         }
-        if !luns.is_empty() {
-            // Outside the runtime's context (see `resolve`), so this may wait.
-            self.runtime.block_on(self.export(luns))?;
+        if !lun_disks.is_empty() {
+            // The lookup and the export under the appliance's mutation lock, which LUN
+            // delete, rename and pool export hold while they check for users: either
+            // they see this VM starting, or this start sees the LUN gone. Outside the
+            // runtime's context (see `resolve`), so this may wait.
+            self.runtime.block_on(self.appliance.exclusive(|| async {
+                let storage = self.appliance.storage();
+                let mut luns = Vec::new();
+                for (d, source, pool, lun) in lun_disks {
+                    match storage.find_lun(lun) {
+                        Some((p, _)) if p == pool => {}
+                        Some((p, _)) => {
+                            return Err(format!(
+                                "disk {}: LUN {lun:?} is in pool {p:?}, not {pool:?}",
+                                d.id
+                            ))
+                        }
+                        None => {
+                            return Err(format!(
+                                "disk {}: no LUN {lun:?} is up in pool {pool:?}",
+                                d.id
+                            ))
+                        }
+                    }
+                    if let Some(other) = self.sharing(def, source, d.read_only) {
+                        return Err(format!(
+                            "disk {}: LUN {source:?} is in use by VM {other:?}, which is \
+                             running; two VMs may share a LUN only if both disks are read_only",
+                            d.id
+                        ));
+                    }
+                    let (dev, _) = storage
+                        .lun_dev(lun)
+                        .ok_or_else(|| format!("disk {}: LUN {source:?} is not up", d.id))?;
+                    luns.push((lun.to_string(), dev as basalt_blockdev::SharedBlockDev));
+                }
+                self.export(luns).await
+            }))?;
         }
         let mut fds = Vec::new();
         let _serial = self.nic_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -605,16 +786,8 @@ impl Handover {
                 .switches()
                 .with_portgroup(&nic.port_group)
                 .map_err(|e| format!("NIC {}: {e}", nic.id))?;
-            let name = vm_port_name(&def.name, &nic.id);
-            let mac = def
-                .nic_mac(i)
-                .map(|m| {
-                    format!(
-                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                        m[0], m[1], m[2], m[3], m[4], m[5]
-                    )
-                })
-                .and_then(|s| s.parse().ok());
+            let spec = nic_port_spec(def, i, nic);
+            let name = spec.name.clone();
             let nic_err = |e: &dyn std::fmt::Display| format!("NIC {}: {e}", nic.id);
             if sw.port(&name).is_some() {
                 // Left from the last run (its TAP went away with that VMM).
@@ -622,15 +795,7 @@ impl Handover {
             }
             let tap = basalt_compute::vmm::virtio::net::Tap::open(&name)
                 .map_err(|e| nic_err(&format!("cannot open TAP {name}: {e}")))?;
-            sw.add_port(basalt_net::PortSpec {
-                name: name.clone(),
-                portgroup: nic.port_group.clone(),
-                kind: basalt_net::PortKind::Netdev,
-                mac,
-                interface: Some(name.clone()),
-                host: None,
-            })
-            .map_err(|e| {
+            sw.add_port(spec).map_err(|e| {
                 nic_err(&format!(
                     "cannot attach TAP {name} to port group {:?}: {e}",
                     nic.port_group
