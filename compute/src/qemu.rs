@@ -15,6 +15,7 @@
 
 use crate::definition::{Boot, CpuFeature, VmDefinition};
 use crate::launch::{DiskEndpoint, NicEndpoint};
+use crate::nbd::{NbdAddress, DEFAULT_RECONNECT_WINDOW};
 use serde_json::{json, Value};
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Write};
@@ -102,6 +103,31 @@ pub struct QemuCommand {
 /// QEMU's option syntax doubles commas inside values.
 fn esc(s: &str) -> String {
     s.replace(',', ",,")
+}
+
+/// QEMU's NBD client options for a disk the daemon serves: spelled out (not a URI) so
+/// that `reconnect-delay` can be given, which lets QEMU ride out a daemon restart as the
+/// built-in runner's client does (requests pause, then resume on the new connection;
+/// past the delay they fail).
+fn nbd_drive_options(addr: &NbdAddress) -> String {
+    let server = match addr {
+        NbdAddress::Unix { socket, .. } => format!(
+            "file.server.type=unix,file.server.path={}",
+            esc(&socket.display().to_string())
+        ),
+        NbdAddress::Tcp { host, port, .. } => format!(
+            "file.server.type=inet,file.server.host={},file.server.port={port}",
+            esc(host)
+        ),
+    };
+    let export = match addr {
+        NbdAddress::Unix { export, .. } | NbdAddress::Tcp { export, .. } => export,
+    };
+    format!(
+        "file.driver=nbd,{server},file.export={},file.reconnect-delay={}",
+        esc(export),
+        DEFAULT_RECONNECT_WINDOW.as_secs()
+    )
 }
 
 fn feature_name(f: CpuFeature) -> &'static [&'static str] {
@@ -200,15 +226,12 @@ impl QemuCommand {
         for (i, (disk, ep)) in def.disks.iter().zip(disks).enumerate() {
             let ro = if disk.read_only { ",readonly=on" } else { "" };
             let file = match ep {
-                DiskEndpoint::Nbd(addr) => addr.to_uri(),
-                DiskEndpoint::File(p) => p.display().to_string(),
+                DiskEndpoint::Nbd(addr) => nbd_drive_options(addr),
+                DiskEndpoint::File(p) => format!("file={}", esc(&p.display().to_string())),
             };
             a.extend([
                 "-drive".into(),
-                format!(
-                    "file={},format=raw,if=none,id=d{i},cache=none,aio=threads{ro}",
-                    esc(&file)
-                ),
+                format!("{file},format=raw,if=none,id=d{i},cache=none,aio=threads{ro}"),
                 "-device".into(),
                 format!("virtio-blk-pci,drive=d{i},serial={}", esc(&disk.id)),
             ]);
@@ -503,7 +526,6 @@ fn tail(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::NbdAddress;
 
     #[test]
     fn command_line_has_disks_nics_console_and_qmp() {
@@ -536,7 +558,10 @@ mod tests {
             "{joined}"
         );
         assert!(
-            joined.contains("file=nbd+unix:///l?socket=/run/b.sock,format=raw"),
+            joined.contains(
+                "file.driver=nbd,file.server.type=unix,file.server.path=/run/b.sock,\
+                 file.export=l,file.reconnect-delay=60,format=raw"
+            ),
             "{joined}"
         );
         assert!(
