@@ -464,6 +464,22 @@ fn new_header(sector_size: u32, opts: &FormatOptions) -> Result<Header, LockErro
     Ok(h)
 }
 
+/// The header a new lockspace at byte `base` of `dev` gets, once the range is known to
+/// fit on the device and to start on a block boundary.
+fn header_for(dev: &SharedBlockDev, base: u64, opts: &FormatOptions) -> Result<Header, LockError> {
+    let g = dev.geometry();
+    let h = new_header(g.block_size, opts)?;
+    let end = base.saturating_add(h.total_bytes());
+    if end > g.capacity_bytes() || !base.is_multiple_of(u64::from(g.block_size)) {
+        return Err(LockError::TooSmall {
+            needed: h.total_bytes(),
+            offset: base,
+            capacity: g.capacity_bytes(),
+        });
+    }
+    Ok(h)
+}
+
 impl Lockspace {
     /// Writes an empty lockspace at byte `base` of `dev` (an administrative step, like
     /// mkfs: no host may be using the range). Refuses to overwrite a valid lockspace
@@ -473,16 +489,7 @@ impl Lockspace {
         base: u64,
         opts: &FormatOptions,
     ) -> Result<Header, LockError> {
-        let g = dev.geometry();
-        let h = new_header(g.block_size, opts)?;
-        let end = base.saturating_add(h.total_bytes());
-        if end > g.capacity_bytes() || !base.is_multiple_of(u64::from(g.block_size)) {
-            return Err(LockError::TooSmall {
-                needed: h.total_bytes(),
-                offset: base,
-                capacity: g.capacity_bytes(),
-            });
-        }
+        let h = header_for(dev, base, opts)?;
         let t = Duration::from_secs(30);
         if !opts.force && read_header(dev, base, t).await.is_ok() {
             return Err(LockError::AlreadyFormatted);
@@ -520,20 +527,12 @@ impl Lockspace {
         base: u64,
         opts: &FormatOptions,
     ) -> Result<Header, LockError> {
-        let g = dev.geometry();
-        let h = new_header(g.block_size, opts)?;
-        let end = base.saturating_add(h.total_bytes());
-        if end > g.capacity_bytes() || !base.is_multiple_of(u64::from(g.block_size)) {
-            return Err(LockError::TooSmall {
-                needed: h.total_bytes(),
-                offset: base,
-                capacity: g.capacity_bytes(),
-            });
-        }
+        let h = header_for(dev, base, opts)?;
         let t = Duration::from_secs(30);
         if read_header(dev, base, t).await.is_ok() {
             return Err(LockError::AlreadyFormatted);
         }
+        let g = dev.geometry();
         let step = u64::from(g.max_io_bytes.clamp(g.block_size.max(4096), 1 << 20));
         let mut at = 0;
         while at < h.total_bytes() {
