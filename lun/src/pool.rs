@@ -332,6 +332,28 @@ pub(crate) struct Meta {
     pub unsettled: HashMap<u32, u64>,
 }
 
+impl Meta {
+    /// Applies a live operation to the state and logs it.
+    fn apply_live(&mut self, op: &Op) -> Result<(), PoolError> {
+        self.st
+            .apply(op, Mode::Live)
+            .map_err(|e| PoolError::Invalid(e.0))?;
+        self.log.push(op);
+        Ok(())
+    }
+
+    /// Room for a new volume named `name`: the name is free and the table has a slot.
+    fn check_room(&self, name: &str) -> Result<(), PoolError> {
+        if self.st.names.contains_key(name) {
+            return Err(PoolError::Exists(name.into()));
+        }
+        if self.st.vols.len() >= self.st.layout.max_volumes as usize {
+            return Err(PoolError::TooManyVolumes(self.st.layout.max_volumes));
+        }
+        Ok(())
+    }
+}
+
 struct CommitCtx {
     gen: u64,
     nonce: u64,
@@ -754,12 +776,17 @@ impl PoolInner {
         self.failed_flag.store(true, Ordering::Release);
     }
 
+    /// The API view of volume `vol` now.
+    fn volume_info(&self, vol: u32) -> Result<VolumeInfo, PoolError> {
+        let m = self.meta.read();
+        let rec = m.st.vol(vol).map_err(|e| PoolError::Invalid(e.0))?;
+        Ok(self.info(&m.st, rec))
+    }
+
     /// Applies a live operation and logs it; returns its sequence number.
     pub(crate) fn apply(&self, op: Op) -> Result<u64, PoolError> {
         let mut m = self.meta.write();
-        m.st.apply(&op, Mode::Live)
-            .map_err(|e| PoolError::Invalid(e.0))?;
-        m.log.push(&op);
+        m.apply_live(&op)?;
         Ok(m.log.seq)
     }
 
@@ -768,10 +795,8 @@ impl PoolInner {
     /// commit.
     pub(crate) fn apply_map(&self, op: Op, chunks: u64) -> Result<(u64, bool), PoolError> {
         let mut m = self.meta.write();
-        m.st.apply(&op, Mode::Live)
-            .map_err(|e| PoolError::Invalid(e.0))?;
+        m.apply_live(&op)?;
         m.in_flight -= chunks;
-        m.log.push(&op);
         let big = m.log.payloads.len() >= LOG_AUTOCOMMIT_BLOCKS;
         let seq = m.log.seq;
         if let Op::Map { phys, count, .. } = op {
@@ -1323,13 +1348,8 @@ impl Pool {
         }
         let (vol, len) = {
             let mut m = p.meta.write();
+            m.check_room(name)?;
             let st = &m.st;
-            if st.names.contains_key(name) {
-                return Err(PoolError::Exists(name.into()));
-            }
-            if st.vols.len() >= st.layout.max_volumes as usize {
-                return Err(PoolError::TooManyVolumes(st.layout.max_volumes));
-            }
             let len = st
                 .check_size(size, options.block_size)
                 .map_err(|e| PoolError::Invalid(e.0))?;
@@ -1352,9 +1372,7 @@ impl Pool {
                 name: name.into(),
             };
             let op = Op::Create(rec.clone());
-            m.st.apply(&op, Mode::Live)
-                .map_err(|e| PoolError::Invalid(e.0))?;
-            m.log.push(&op);
+            m.apply_live(&op)?;
             (rec.id, len)
         };
         p.runtime(vol);
@@ -1363,9 +1381,7 @@ impl Pool {
         }
         p.commit().await?;
         p.refresh_alerts();
-        let m = p.meta.read();
-        let rec = m.st.vol(vol).map_err(|e| PoolError::Invalid(e.0))?;
-        Ok(p.info(&m.st, rec))
+        p.volume_info(vol)
     }
 
     /// A handle to the volume `name` (a LUN, clone or snapshot) as a block device.
@@ -1479,9 +1495,7 @@ impl Pool {
         }
         p.commit().await?;
         p.refresh_alerts();
-        let m = p.meta.read();
-        let rec = m.st.vol(rec.id).map_err(|e| PoolError::Invalid(e.0))?;
-        Ok(p.info(&m.st, rec))
+        p.volume_info(rec.id)
     }
 
     /// Renames a volume.
@@ -1548,12 +1562,7 @@ impl Pool {
             if !src.kind.writable() {
                 return Err(PoolError::ReadOnly(lun.into()));
             }
-            if m.st.names.contains_key(snap_name) {
-                return Err(PoolError::Exists(snap_name.into()));
-            }
-            if m.st.vols.len() >= m.st.layout.max_volumes as usize {
-                return Err(PoolError::TooManyVolumes(m.st.layout.max_volumes));
-            }
+            m.check_room(snap_name)?;
             Self::thick_cow_check(&m.st, &src)?;
             let snap = NewVolume {
                 vol: m.st.next_vol,
@@ -1566,17 +1575,13 @@ impl Pool {
                 new_node: m.st.next_node,
                 snap: snap.clone(),
             };
-            m.st.apply(&op, Mode::Live)
-                .map_err(|e| PoolError::Invalid(e.0))?;
-            m.log.push(&op);
+            m.apply_live(&op)?;
             snap.vol
         };
         p.runtime(vol);
         p.commit().await?;
         p.refresh_alerts();
-        let m = p.meta.read();
-        let rec = m.st.vol(vol).map_err(|e| PoolError::Invalid(e.0))?;
-        Ok(p.info(&m.st, rec))
+        p.volume_info(vol)
     }
 
     /// Creates a writable thin clone `new_name` of `source` (a snapshot or a writable
@@ -1590,12 +1595,7 @@ impl Pool {
         let vol = {
             let mut m = p.meta.write();
             let src = p.lookup(&m.st, source)?;
-            if m.st.names.contains_key(new_name) {
-                return Err(PoolError::Exists(new_name.into()));
-            }
-            if m.st.vols.len() >= m.st.layout.max_volumes as usize {
-                return Err(PoolError::TooManyVolumes(m.st.layout.max_volumes));
-            }
+            m.check_room(new_name)?;
             Self::thick_cow_check(&m.st, &src)?;
             let clone = NewVolume {
                 vol: m.st.next_vol,
@@ -1615,17 +1615,13 @@ impl Pool {
                 node,
                 clone: clone.clone(),
             };
-            m.st.apply(&op, Mode::Live)
-                .map_err(|e| PoolError::Invalid(e.0))?;
-            m.log.push(&op);
+            m.apply_live(&op)?;
             clone.vol
         };
         p.runtime(vol);
         p.commit().await?;
         p.refresh_alerts();
-        let m = p.meta.read();
-        let rec = m.st.vol(vol).map_err(|e| PoolError::Invalid(e.0))?;
-        Ok(p.info(&m.st, rec))
+        p.volume_info(vol)
     }
 
     /// Sets the alert thresholds (stored in the pool).
