@@ -6,6 +6,9 @@
 //! FIFO. The QEMU runner gives the same two files through QEMU's own socket chardev
 //! with `logfile=`, so `basalt vm console` works the same for both runners
 //! ([`attach`]).
+//!
+//! The guest decides how much it prints, so the built-in runner's log stops growing at
+//! [`MAX_CONSOLE_LOG`] (with a line saying so); attached clients still see everything.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -13,9 +16,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
+/// Most bytes `console.log` grows to before the built-in runner stops logging.
+pub const MAX_CONSOLE_LOG: u64 = 64 << 20;
+
 #[derive(Default)]
 struct Sinks {
     log: Option<File>,
+    /// Bytes in the log file.
+    logged: u64,
     clients: Vec<UnixStream>,
     capture: Option<Vec<u8>>,
 }
@@ -46,7 +54,10 @@ impl ConsoleOut {
     /// Appends output to the file at `path`.
     pub fn log_to(&self, path: &Path) -> io::Result<()> {
         let f = OpenOptions::new().create(true).append(true).open(path)?;
-        self.lock().log = Some(f);
+        let logged = f.metadata()?.len();
+        let mut s = self.lock();
+        s.log = Some(f);
+        s.logged = logged;
         Ok(())
     }
 
@@ -67,9 +78,19 @@ impl Write for ConsoleOut {
         if let Some(c) = &mut s.capture {
             c.extend_from_slice(buf);
         }
+        let logged = s.logged;
         if let Some(log) = &mut s.log {
             // A full disk must not stop the guest; the log just misses output.
-            let _ = log.write_all(buf);
+            let room = MAX_CONSOLE_LOG.saturating_sub(logged);
+            let n = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+            let _ = log.write_all(&buf[..n]);
+            if n < buf.len() {
+                let _ = log.write_all(
+                    b"\n[basalt: console.log is full; further guest output is not logged]\n",
+                );
+                s.log = None;
+            }
+            s.logged = logged + n as u64;
         }
         // A client that cannot keep up (or went away) is dropped, never waited for.
         s.clients.retain_mut(|c| c.write_all(buf).is_ok());
@@ -153,5 +174,31 @@ pub fn attach(
                 output.flush()?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_stops_growing_at_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        // An earlier boot's log, 10 bytes short of the cap (sparse).
+        File::create(&path)
+            .unwrap()
+            .set_len(MAX_CONSOLE_LOG - 10)
+            .unwrap();
+        let mut out = ConsoleOut::capturing();
+        out.log_to(&path).unwrap();
+        out.write_all(&[b'x'; 100]).unwrap();
+        out.write_all(&[b'y'; 100]).unwrap();
+        let text = std::fs::read(&path).unwrap();
+        let tail = &text[(MAX_CONSOLE_LOG - 10) as usize..];
+        assert!(tail.starts_with(b"xxxxxxxxxx\n[basalt: console.log is full"));
+        assert!(!tail.contains(&b'y'));
+        // The guest's output itself is not cut.
+        assert_eq!(out.captured().len(), 200);
     }
 }
