@@ -10,9 +10,13 @@
 //! - **Sharded**: a mutex-protected free list per class in each of a few shards
 //!   (one per CPU, up to 16); a thread keeps to its own shard and only looks at the
 //!   others (without waiting for their locks) when its own has nothing.
-//! - **Bounded**: at most [`AlignedBuf::set_pool_limit`] bytes (64 MiB by default) wait
-//!   in the pool, and one class may fill at most a quarter of a shard's share, so a burst
-//!   of large requests cannot starve the small ones. Whatever does not fit is freed.
+//! - **Bounded**: at most [`AlignedBuf::set_pool_limit`] bytes (128 MiB by default) wait
+//!   in the pool, and one class may fill at most half of a shard's share, so a burst of
+//!   large requests cannot starve the small ones. Whatever does not fit is freed. The
+//!   bound must hold a target's whole queue of large reads: at 64 MiB with a quarter per
+//!   class, only 16 MiB of 1 MiB buffers were kept, an iSCSI initiator at QD32 keeps 32
+//!   in flight, and half the CPU of 1 MiB iSCSI reads went to allocating, page-faulting
+//!   and unmapping fresh buffers (perf, `bench/iscsi-vs-tgt.sh`).
 //! - **Returned on drop**: [`AlignedBuf::freeze`] hands the buffer to
 //!   [`Bytes::from_owner`], so the allocation goes back to the pool when the last clone
 //!   or slice of the `Bytes` is dropped, wherever that happens.
@@ -211,7 +215,7 @@ const MIN_SHIFT: u32 = 12;
 /// Number of classes: 4 KiB, 8 KiB, ..., 8 MiB.
 const CLASSES: usize = 12;
 /// Default cap on the bytes cached by the pool.
-const DEFAULT_LIMIT: usize = 64 << 20;
+const DEFAULT_LIMIT: usize = 128 << 20;
 /// Most shards, whatever the CPU count.
 const MAX_SHARDS: usize = 16;
 
@@ -325,9 +329,9 @@ impl Pool {
         .unwrap_or(0)
     }
 
-    /// Most buffers of `class` one shard keeps: a quarter of its share of the limit.
+    /// Most buffers of `class` one shard keeps: half of its share of the limit.
     fn class_cap(&self, class: usize) -> usize {
-        let share = self.limit.load(Ordering::Relaxed) / 4 / self.shards.len();
+        let share = self.limit.load(Ordering::Relaxed) / 2 / self.shards.len();
         (share / class_size(class)).max(1)
     }
 
@@ -499,9 +503,9 @@ mod tests {
     #[test]
     fn pool_shards_share_and_cap_classes() {
         let pool = Pool::new(2, 64 << 20);
-        // A quarter of a shard's 32 MiB share: four buffers of 2 MiB (class 9).
-        assert_eq!(pool.class_cap(9), 4);
-        assert_eq!(pool.class_cap(11), 1);
+        // Half of a shard's 32 MiB share: eight buffers of 2 MiB (class 9), two of 8 MiB.
+        assert_eq!(pool.class_cap(9), 8);
+        assert_eq!(pool.class_cap(11), 2);
         let layout = class_layout(0);
         // SAFETY: test allocation of a valid layout, freed below.
         let p = NonNull::new(unsafe { alloc::alloc_zeroed(layout) }).unwrap();

@@ -481,6 +481,9 @@ async fn run_basalt(
         sleeps: after.sleeps - before.sleeps,
         wakeups: after.wakeups - before.wakeups,
         relayed_batches: after.relayed_batches - before.relayed_batches,
+        inline_reads: after.inline_reads - before.inline_reads,
+        inline_writes: after.inline_writes - before.inline_writes,
+        inline_write_pauses: after.inline_write_pauses - before.inline_write_pauses,
     };
     let iops = ops as f64 / elapsed;
     let n = ops.max(1) as f64;

@@ -90,6 +90,13 @@ pub struct DriverStats {
     pub wakeups: u64,
     /// Batches of completions handed to the relay task.
     pub relayed_batches: u64,
+    /// Buffered reads served from the page cache on the caller's thread (not counted in
+    /// `requests`).
+    pub inline_reads: u64,
+    /// Buffered writes made on the caller's thread (not counted in `requests`).
+    pub inline_writes: u64,
+    /// Times a slow inline write paused inline writes.
+    pub inline_write_pauses: u64,
 }
 
 /// Published by the thread once per loop, on a cache line of their own, so that
@@ -251,6 +258,17 @@ impl Driver {
         op: Op,
         guard: Option<OwnedRangeGuard>,
     ) -> Result<oneshot::Receiver<Completion>, DriverGone> {
+        self.submit_rest(op, 0, guard)
+    }
+
+    /// Like [`Driver::submit`] for a read or write of which the first `done` bytes are
+    /// already done.
+    pub(super) fn submit_rest(
+        &self,
+        op: Op,
+        done: usize,
+        guard: Option<OwnedRangeGuard>,
+    ) -> Result<oneshot::Receiver<Completion>, DriverGone> {
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.shared.queue();
@@ -259,7 +277,7 @@ impl Driver {
             }
             q.requests.push(Request {
                 op,
-                done: 0,
+                done,
                 guard,
                 tx,
             });
@@ -293,6 +311,9 @@ impl Driver {
             sleeps: c.sleeps.load(Ordering::Relaxed),
             wakeups: c.wakeups.load(Ordering::Relaxed),
             relayed_batches: c.relayed_batches.load(Ordering::Relaxed),
+            inline_reads: 0,
+            inline_writes: 0,
+            inline_write_pauses: 0,
         }
     }
 }

@@ -1,7 +1,10 @@
 //! [`UringFile`]: opening, geometry, and the `BlockDev` operations.
 
 use super::driver::{Completion, Driver, DriverGone, DriverStats, Op, WriteBuf};
-use super::{sys, DirectMode, OpenError, UringOptions};
+use super::{
+    sys, DirectMode, OpenError, UringOptions, INLINE_MAX_BYTES, INLINE_WRITE_PAUSE,
+    SLOW_INLINE_WRITE,
+};
 use crate::{
     check_compare_and_write, check_range, first_difference, AlignedBuf, BlockDev, BlockError,
     Capabilities, CompareOutcome, Extent, ExtentKind, Geometry, OwnedRangeGuard, RangeLocks,
@@ -13,7 +16,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 /// Size of the zero buffer that write-zeroes falls back to.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -37,6 +42,56 @@ pub struct UringFile {
     serial: Option<String>,
     queue_depth: u32,
     locks: RangeLocks,
+    /// Buffered I/O on the caller's thread (see the module docs).
+    inline: Inline,
+}
+
+/// State of a buffered file's inline reads and writes.
+struct Inline {
+    /// Reads try the page cache first; cleared if the file system refuses RWF_NOWAIT.
+    reads: AtomicBool,
+    /// One of `WRITES_*`.
+    writes: AtomicU8,
+    /// Blocking inline writes are paused until this many nanoseconds after `epoch`.
+    paused_until: AtomicU64,
+    epoch: Instant,
+    read_count: AtomicU64,
+    write_count: AtomicU64,
+    pauses: AtomicU64,
+}
+
+/// Writes go through the ring (O_DIRECT, or inline I/O turned off).
+const WRITES_RING: u8 = 0;
+/// Writes try `pwritev2(RWF_NOWAIT)` first.
+const WRITES_NOWAIT: u8 = 1;
+/// The file system has no RWF_NOWAIT buffered writes: plain inline writes, paused
+/// after a slow one.
+const WRITES_BLOCKING: u8 = 2;
+
+/// Whether an error says the kernel or file system lacks RWF_NOWAIT for this file.
+fn nowait_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+    )
+}
+
+impl Inline {
+    fn new(enabled: bool) -> Inline {
+        Inline {
+            reads: AtomicBool::new(enabled),
+            writes: AtomicU8::new(if enabled { WRITES_NOWAIT } else { WRITES_RING }),
+            paused_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            read_count: AtomicU64::new(0),
+            write_count: AtomicU64::new(0),
+            pauses: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
 }
 
 impl UringFile {
@@ -188,6 +243,7 @@ impl UringFile {
             serial,
             queue_depth: options.queue_depth,
             locks: RangeLocks::default(),
+            inline: Inline::new(options.cached_io_inline && !direct),
         })
     }
 
@@ -230,9 +286,14 @@ impl UringFile {
         self.queue_depth
     }
 
-    /// Counters of the driver thread.
+    /// Counters of the driver thread, and of the I/O done without it.
     pub fn driver_stats(&self) -> DriverStats {
-        self.driver.stats()
+        DriverStats {
+            inline_reads: self.inline.read_count.load(Ordering::Relaxed),
+            inline_writes: self.inline.write_count.load(Ordering::Relaxed),
+            inline_write_pauses: self.inline.pauses.load(Ordering::Relaxed),
+            ..self.driver.stats()
+        }
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -256,11 +317,90 @@ impl UringFile {
         ))
     }
 
+    /// Reads what the page cache holds of a buffered read on the calling thread (module
+    /// docs) and returns how many bytes of `buf` that filled: the ring does the rest, and
+    /// reports errors the usual way.
+    fn read_cached(&self, buf: &mut AlignedBuf, offset: u64) -> usize {
+        if buf.len() > INLINE_MAX_BYTES || !self.inline.reads.load(Ordering::Relaxed) {
+            return 0;
+        }
+        match sys::pread_nowait(&self.file, buf.as_mut_slice(), offset) {
+            Ok(n) => {
+                if n == buf.len() {
+                    self.inline.read_count.fetch_add(1, Ordering::Relaxed);
+                }
+                n
+            }
+            Err(e) => {
+                if nowait_unsupported(&e) {
+                    self.inline.reads.store(false, Ordering::Relaxed);
+                }
+                0
+            }
+        }
+    }
+
+    /// Makes a buffered write on the calling thread as far as it can (module docs).
+    /// Returns what is left for the ring: `None` when the write is done.
+    fn write_cached(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> io::Result<Option<(u64, Bytes)>> {
+        let mode = self.inline.writes.load(Ordering::Relaxed);
+        if mode == WRITES_RING || fua || data.len() > INLINE_MAX_BYTES {
+            return Ok(Some((offset, data)));
+        }
+        if mode == WRITES_NOWAIT {
+            let (done, result) = sys::pwrite(&self.file, &data, offset, libc::RWF_NOWAIT);
+            match result {
+                Ok(()) => {
+                    self.inline.write_count.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    return Ok(Some((offset + done as u64, data.slice(done..))));
+                }
+                Err(e) if done == 0 && nowait_unsupported(&e) => {
+                    self.inline.writes.store(WRITES_BLOCKING, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.inline.paused_until.load(Ordering::Relaxed) > self.inline.now() {
+            return Ok(Some((offset, data)));
+        }
+        let start = Instant::now();
+        let (_, result) = sys::pwrite(&self.file, &data, offset, 0);
+        let took = start.elapsed();
+        if took > SLOW_INLINE_WRITE {
+            let until = self
+                .inline
+                .now()
+                .saturating_add(INLINE_WRITE_PAUSE.as_nanos() as u64);
+            self.inline.paused_until.store(until, Ordering::Relaxed);
+            self.inline.pauses.fetch_add(1, Ordering::Relaxed);
+        }
+        result?;
+        self.inline.write_count.fetch_add(1, Ordering::Relaxed);
+        Ok(None)
+    }
+
     async fn read_unlocked(&self, offset: u64, len: usize) -> Result<Bytes> {
         // Stale contents are fine: the driver fails a read that does not fill the whole
         // buffer, and a failed read's buffer goes back to the pool unseen.
-        let buf = AlignedBuf::for_overwrite(len);
-        let c = self.run(Op::Read { buf, offset }, None).await?;
+        let mut buf = AlignedBuf::for_overwrite(len);
+        let cached = self.read_cached(&mut buf, offset);
+        if cached == len {
+            return Ok(buf.freeze());
+        }
+        let c = self
+            .driver
+            .submit_rest(Op::Read { buf, offset }, cached, None)
+            .map_err(|DriverGone| self.offline())?
+            .await
+            .map_err(|_| self.offline())?;
         c.result
             .map_err(|e| BlockError::io("read", offset, len as u64, e))?;
         match c.op {
@@ -279,6 +419,12 @@ impl UringFile {
         guard: OwnedRangeGuard,
     ) -> Result<()> {
         let len = data.len() as u64;
+        let io_error = |e| BlockError::io("write", offset, len, e);
+        let (offset, data) = match self.write_cached(offset, data, flags.fua) {
+            Ok(None) => return Ok(()),
+            Ok(Some(rest)) => rest,
+            Err(e) => return Err(io_error(e)),
+        };
         let buf = if self.direct && !AlignedBuf::is_aligned(&data, self.mem_align) {
             WriteBuf::Bounce(AlignedBuf::copy_from(&data))
         } else {
@@ -290,10 +436,7 @@ impl UringFile {
             offset,
             rw_flags,
         };
-        self.run(op, Some(guard))
-            .await?
-            .result
-            .map_err(|e| BlockError::io("write", offset, len, e))
+        self.run(op, Some(guard)).await?.result.map_err(io_error)
     }
 
     async fn fallocate(&self, op: &'static str, offset: u64, len: u64, mode: i32) -> Result<()> {
@@ -1236,5 +1379,103 @@ mod tests {
             "{r:?}"
         );
         assert_reads(&f, 0, &pattern(9, 1 << 20)[..512 << 10], "before the cut").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buffered_io_uses_the_page_cache_inline_and_the_ring_for_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("inline");
+        create_sparse_file(&p, 4 << 20).unwrap();
+        let f = UringFile::open(&p, &opts(DirectMode::Off, 512)).unwrap();
+        // Small writes and reads go inline; FUA and large transfers through the ring.
+        let small = pattern(1, 8192);
+        f.write(4096, small.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        let fua = pattern(2, 4096);
+        f.write(65536, fua.clone(), WriteFlags { fua: true })
+            .await
+            .unwrap();
+        let large = pattern(3, 1 << 20);
+        f.write(1 << 20, large.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        // (A file system with non-blocking buffered writes may refuse to fill a hole
+        // without waiting: then the small write goes through the ring too.)
+        let s = f.driver_stats();
+        assert_eq!(s.inline_writes + s.requests, 3, "{s:?}");
+        let ring = s.requests;
+        assert_reads(&f, 4096, &small, "inline read").await;
+        assert_reads(&f, 65536, &fua, "inline read of the FUA write").await;
+        assert_reads(&f, 1 << 20, &large, "ring read").await;
+        let s = f.driver_stats();
+        assert_eq!((s.inline_reads, s.requests), (2, ring + 1), "{s:?}");
+
+        // Evict half of a cached range: the inline read stops where the cache does and
+        // the ring reads the rest into the same buffer.
+        let data = pattern(4, 64 << 10);
+        f.write(2 << 20, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        f.flush().await.unwrap();
+        let file = std::fs::File::open(&p).unwrap();
+        // SAFETY: plain advice on a descriptor we own.
+        let r = unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                (2 << 20) + (32 << 10),
+                32 << 10,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        assert_reads(&f, 2 << 20, &data, "half cached").await;
+        // And through a fresh cache, nothing cached at all.
+        // SAFETY: as above.
+        unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_reads(&f, 4096, &small, "not cached").await;
+        assert_reads(&f, 2 << 20, &data, "not cached").await;
+    }
+
+    #[tokio::test]
+    async fn inline_io_can_be_turned_off_and_never_applies_to_o_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, o) in [
+            (
+                "off",
+                UringOptions {
+                    cached_io_inline: false,
+                    ..opts(DirectMode::Off, 512)
+                },
+            ),
+            ("direct", opts(DirectMode::Require, 4096)),
+        ] {
+            let p = dir.path().join(name);
+            create_sparse_file(&p, 1 << 20).unwrap();
+            let f = match UringFile::open(&p, &o) {
+                Ok(f) => f,
+                // A file system without O_DIRECT (tmpfs): nothing to check there.
+                Err(OpenError::DirectUnsupported { .. }) => continue,
+                Err(e) => panic!("{e}"),
+            };
+            let data = pattern(5, 4096);
+            f.write(0, data.clone(), WriteFlags::default())
+                .await
+                .unwrap();
+            assert_reads(&f, 0, &data, name).await;
+            let s = f.driver_stats();
+            assert_eq!(
+                (s.inline_reads, s.inline_writes, s.requests),
+                (0, 0, 2),
+                "{name}: {s:?}"
+            );
+        }
     }
 }

@@ -77,6 +77,61 @@ pub(super) fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
     Ok(r as usize)
 }
 
+/// Reads into `buf` at `offset` with `preadv2(RWF_NOWAIT)`: only what the page cache
+/// holds, without waiting for the disk. EAGAIN means nothing could be read that way; a
+/// short count means the rest is not cached.
+pub(super) fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the iovec describes `buf`, valid for writes of buf.len() bytes for the
+    // duration of the call.
+    let r = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// Writes `data` at `offset` with `pwritev2(flags)` until all is written or the kernel
+/// fails; EINTR is retried. Returns how much was written and the error that stopped it.
+pub(super) fn pwrite(file: &File, data: &[u8], offset: u64, flags: i32) -> (usize, io::Result<()>) {
+    let mut done = 0;
+    while done < data.len() {
+        let Ok(off) = libc::off_t::try_from(offset + done as u64) else {
+            return (done, Err(io::Error::other("offset too large")));
+        };
+        let rest = &data[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_ptr().cast_mut().cast(),
+            iov_len: rest.len(),
+        };
+        // SAFETY: the iovec describes `rest`, valid for reads of rest.len() bytes for the
+        // duration of the call; the kernel only reads through it.
+        let r = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, off, flags) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return (done, Err(e));
+        }
+        if r == 0 {
+            return (
+                done,
+                Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "write made no progress",
+                )),
+            );
+        }
+        done += r as usize;
+    }
+    (done, Ok(()))
+}
+
 /// `lseek(2)` with `whence` (SEEK_DATA or SEEK_HOLE) from `offset`; `None` when the
 /// kernel says ENXIO (no data, or no hole, at or after `offset`).
 fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
