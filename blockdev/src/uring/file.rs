@@ -218,6 +218,7 @@ impl UringFile {
             file.clone(),
             options.queue_depth,
             options.max_submit_batch as usize,
+            !direct,
             name,
         )
         .map_err(|source| OpenError::Uring {
