@@ -11,12 +11,12 @@
 //!   (one per CPU, up to 16); a thread keeps to its own shard and only looks at the
 //!   others (without waiting for their locks) when its own has nothing.
 //! - **Bounded**: at most [`AlignedBuf::set_pool_limit`] bytes (128 MiB by default) wait
-//!   in the pool, and one class may fill at most half of a shard's share, so a burst of
-//!   large requests cannot starve the small ones. Whatever does not fit is freed. The
-//!   bound must hold a target's whole queue of large reads: at 64 MiB with a quarter per
-//!   class, only 16 MiB of 1 MiB buffers were kept, an iSCSI initiator at QD32 keeps 32
-//!   in flight, and half the CPU of 1 MiB iSCSI reads went to allocating, page-faulting
-//!   and unmapping fresh buffers (perf, `bench/iscsi-vs-tgt.sh`).
+//!   in the pool, and one class may fill at most half of it (counted over all shards),
+//!   so one size of request cannot take all of it. Whatever does not fit is freed. The
+//!   bound must hold a target's whole queue of large reads: at 64 MiB with a quarter of
+//!   a shard's share per class, only 16 MiB of 1 MiB buffers were kept, an iSCSI
+//!   initiator at QD32 keeps 32 in flight, and half the CPU of 1 MiB iSCSI reads went to
+//!   allocating, page-faulting and unmapping fresh buffers (perf, `bench/iscsi-vs-tgt.sh`).
 //! - **Returned on drop**: [`AlignedBuf::freeze`] hands the buffer to
 //!   [`Bytes::from_owner`], so the allocation goes back to the pool when the last clone
 //!   or slice of the `Bytes` is dropped, wherever that happens.
@@ -176,7 +176,7 @@ impl AlignedBuf {
         pool().stats()
     }
 
-    /// Caps the bytes the process-wide buffer pool keeps for reuse (default 64 MiB; 0
+    /// Caps the bytes the process-wide buffer pool keeps for reuse (default 128 MiB; 0
     /// turns recycling off). Buffers already cached above a lowered limit are freed as
     /// they are taken, not at once.
     pub fn set_pool_limit(bytes: usize) {
@@ -287,6 +287,8 @@ struct Pool {
     shards: Box<[Shard]>,
     /// Bytes waiting in the pool, across shards: the bound is checked against it.
     cached: AtomicUsize,
+    /// The same per class, for the per-class bound.
+    class_cached: [AtomicUsize; CLASSES],
     limit: AtomicUsize,
     misses: AtomicUsize,
     /// Hands out shards to threads round-robin.
@@ -311,6 +313,7 @@ impl Pool {
         Pool {
             shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
             cached: AtomicUsize::new(0),
+            class_cached: std::array::from_fn(|_| AtomicUsize::new(0)),
             limit: AtomicUsize::new(limit),
             misses: AtomicUsize::new(0),
             next_home: AtomicUsize::new(0),
@@ -329,10 +332,11 @@ impl Pool {
         .unwrap_or(0)
     }
 
-    /// Most buffers of `class` one shard keeps: half of its share of the limit.
+    /// Most buffers of `class` the pool keeps, across its shards: half of the limit
+    /// (at least one). Counted over the whole pool rather than per shard, so that the
+    /// bound does not shrink with the number of CPUs.
     fn class_cap(&self, class: usize) -> usize {
-        let share = self.limit.load(Ordering::Relaxed) / 2 / self.shards.len();
-        (share / class_size(class)).max(1)
+        (self.limit.load(Ordering::Relaxed) / 2 / class_size(class)).max(1)
     }
 
     /// A cached buffer of `class`: from this thread's shard, else from any other shard
@@ -352,6 +356,7 @@ impl Pool {
                 lists.hits += 1;
                 drop(lists);
                 self.cached.fetch_sub(class_size(class), Ordering::Relaxed);
+                self.class_cached[class].fetch_sub(class_size(class), Ordering::Relaxed);
                 return Some(ptr);
             }
         }
@@ -362,12 +367,15 @@ impl Pool {
     /// the caller must free it.
     fn give(&self, class: usize, ptr: NonNull<u8>) -> bool {
         let size = class_size(class);
-        let cap = self.class_cap(class);
+        let class_limit = self.class_cap(class) * size;
         let limit = self.limit.load(Ordering::Relaxed);
         let mut lists = self.shards[self.home()].lock();
         let fits = self.cached.fetch_add(size, Ordering::Relaxed) + size <= limit;
-        if !fits || lists.free[class].len() >= cap {
+        let class_fits =
+            self.class_cached[class].fetch_add(size, Ordering::Relaxed) + size <= class_limit;
+        if !fits || !class_fits {
             self.cached.fetch_sub(size, Ordering::Relaxed);
+            self.class_cached[class].fetch_sub(size, Ordering::Relaxed);
             lists.released += 1;
             return false;
         }
@@ -503,9 +511,11 @@ mod tests {
     #[test]
     fn pool_shards_share_and_cap_classes() {
         let pool = Pool::new(2, 64 << 20);
-        // Half of a shard's 32 MiB share: eight buffers of 2 MiB (class 9), two of 8 MiB.
-        assert_eq!(pool.class_cap(9), 8);
-        assert_eq!(pool.class_cap(11), 2);
+        // Half of the 64 MiB limit: sixteen buffers of 2 MiB (class 9), four of 8 MiB,
+        // whatever the number of shards.
+        assert_eq!(pool.class_cap(9), 16);
+        assert_eq!(pool.class_cap(11), 4);
+        assert_eq!(Pool::new(16, 64 << 20).class_cap(9), 16);
         let layout = class_layout(0);
         // SAFETY: test allocation of a valid layout, freed below.
         let p = NonNull::new(unsafe { alloc::alloc_zeroed(layout) }).unwrap();

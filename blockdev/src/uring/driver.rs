@@ -123,6 +123,9 @@ struct Shared {
     sleeping: AtomicBool,
     eventfd: OwnedFd,
     counters: Counters,
+    /// Mirrors `Queue::dead` for readers that take no lock (the inline I/O of buffered
+    /// files checks it, so that a device whose driver is gone takes no more writes).
+    stopped: AtomicBool,
 }
 
 impl Shared {
@@ -218,6 +221,7 @@ impl Driver {
             sleeping: AtomicBool::new(false),
             eventfd: sys::eventfd()?,
             counters: Counters::default(),
+            stopped: AtomicBool::new(false),
         });
         let relay = Arc::new(Relay {
             batch: Mutex::new(Vec::new()),
@@ -238,11 +242,8 @@ impl Driver {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            let worker =
-                Worker::new(file, queue_depth, max_batch, thread_shared, relay).map(|w| Worker {
-                    copy_in_workers,
-                    ..w
-                });
+            let limits = (queue_depth, max_batch, copy_in_workers);
+            let worker = Worker::new(file, limits, thread_shared, relay);
             match worker {
                 Ok(w) => {
                     let _ = ready_tx.send(Ok(()));
@@ -262,24 +263,26 @@ impl Driver {
         Ok(Driver { shared })
     }
 
-    /// Queues `op`; the future resolves when the kernel has completed it. `guard` is
-    /// held until then.
-    pub(super) fn submit(
-        &self,
-        op: Op,
-        guard: Option<OwnedRangeGuard>,
-    ) -> Result<oneshot::Receiver<Completion>, DriverGone> {
-        self.submit_rest(op, 0, guard)
-    }
-
-    /// Like [`Driver::submit`] for a read or write of which the first `done` bytes are
-    /// already done.
+    /// Queues `op`, a read or write of which the first `done` bytes are already done
+    /// (`done` is less than its length; 0 for anything else); the receiver resolves when
+    /// the kernel has completed the rest. `guard` is held until then.
     pub(super) fn submit_rest(
         &self,
         op: Op,
         done: usize,
         guard: Option<OwnedRangeGuard>,
     ) -> Result<oneshot::Receiver<Completion>, DriverGone> {
+        let len = match &op {
+            Op::Read { buf, .. } => buf.len(),
+            Op::Write { buf, .. } => buf.as_slice().len(),
+            Op::Fsync | Op::Fallocate { .. } => 0,
+        };
+        debug_assert!(
+            done == 0 || done < len,
+            "submit_rest: {done} of {len} bytes done"
+        );
+        // A request with nothing left would make the driver point past its buffer.
+        let done = if done < len { done } else { 0 };
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self.shared.queue();
@@ -311,7 +314,19 @@ impl Driver {
         op: Op,
         guard: Option<OwnedRangeGuard>,
     ) -> Result<Completion, DriverGone> {
-        self.submit(op, guard)?.await.map_err(|_| DriverGone)
+        self.run_rest(op, 0, guard).await
+    }
+
+    /// [`Driver::submit_rest`], and waits for it.
+    pub(super) async fn run_rest(
+        &self,
+        op: Op,
+        done: usize,
+        guard: Option<OwnedRangeGuard>,
+    ) -> Result<Completion, DriverGone> {
+        self.submit_rest(op, done, guard)?
+            .await
+            .map_err(|_| DriverGone)
     }
 
     pub(super) fn stats(&self) -> DriverStats {
@@ -322,10 +337,20 @@ impl Driver {
             sleeps: c.sleeps.load(Ordering::Relaxed),
             wakeups: c.wakeups.load(Ordering::Relaxed),
             relayed_batches: c.relayed_batches.load(Ordering::Relaxed),
-            inline_reads: 0,
-            inline_writes: 0,
-            inline_write_pauses: 0,
+            ..DriverStats::default()
         }
+    }
+
+    /// False once the thread has stopped (failed, or its owner went away).
+    pub(super) fn is_running(&self) -> bool {
+        !self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Makes [`Driver::is_running`] say false, as after a failure (tests of what
+    /// callers do then; the thread itself goes on serving).
+    #[cfg(test)]
+    pub(super) fn pretend_stopped(&self) {
+        self.shared.stopped.store(true, Ordering::Release);
     }
 }
 
@@ -376,8 +401,7 @@ impl Worker {
     #[allow(clippy::result_large_err)] // the relay comes back so the caller can close it
     fn new(
         file: Arc<File>,
-        queue_depth: u32,
-        max_batch: usize,
+        (queue_depth, max_batch, copy_in_workers): (u32, usize, bool),
         shared: Arc<Shared>,
         relay: Arc<Relay>,
     ) -> Result<Worker, (io::Error, Arc<Relay>)> {
@@ -394,6 +418,7 @@ impl Worker {
             Ok(r) => r,
             Err(e) => {
                 shared.queue().dead = true;
+                shared.stopped.store(true, Ordering::Release);
                 return Err((e, relay));
             }
         };
@@ -415,7 +440,7 @@ impl Worker {
             wake_armed: false,
             closing: false,
             max_batch: max_batch.max(1),
-            copy_in_workers: false,
+            copy_in_workers,
             requests: 0,
             enters: 0,
             sleeps: 0,
@@ -443,6 +468,7 @@ impl Worker {
                 let mut q = self.shared.queue();
                 if q.requests.is_empty() {
                     q.dead = true;
+                    self.shared.stopped.store(true, Ordering::Release);
                     return Ok(());
                 }
                 continue;
@@ -690,6 +716,7 @@ impl Worker {
         let queued = {
             let mut q = self.shared.queue();
             q.dead = true;
+            self.shared.stopped.store(true, Ordering::Release);
             std::mem::take(&mut q.requests)
         };
         for req in self.pending.drain(..).chain(queued) {

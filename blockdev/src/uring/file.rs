@@ -52,6 +52,13 @@ struct Inline {
     reads: AtomicBool,
     /// One of `WRITES_*`.
     writes: AtomicU8,
+    /// Blocking inline writes are allowed at all: only on local file systems whose
+    /// writes wait for nothing remote (ext2/3/4, tmpfs). A FUSE or network file system
+    /// could hold the writer for as long as its server takes.
+    blocking_allowed: bool,
+    /// A blocking inline write is under way: the next goes to the ring, so at most one
+    /// tokio worker per file is ever inside one.
+    blocking_busy: AtomicBool,
     /// Blocking inline writes are paused until this many nanoseconds after `epoch`.
     paused_until: AtomicU64,
     epoch: Instant,
@@ -77,10 +84,12 @@ fn nowait_unsupported(e: &io::Error) -> bool {
 }
 
 impl Inline {
-    fn new(enabled: bool) -> Inline {
+    fn new(enabled: bool, blocking_allowed: bool) -> Inline {
         Inline {
             reads: AtomicBool::new(enabled),
             writes: AtomicU8::new(if enabled { WRITES_NOWAIT } else { WRITES_RING }),
+            blocking_allowed,
+            blocking_busy: AtomicBool::new(false),
             paused_until: AtomicU64::new(0),
             epoch: Instant::now(),
             read_count: AtomicU64::new(0),
@@ -226,6 +235,7 @@ impl UringFile {
             source,
         })?;
         let serial = block_device.and_then(|(major, minor)| sys::serial(major, minor));
+        let blocking_writes = block_device.is_none() && sys::is_local_page_cache_fs(&file);
         Ok(UringFile {
             path: path.to_path_buf(),
             driver,
@@ -244,7 +254,7 @@ impl UringFile {
             serial,
             queue_depth: options.queue_depth,
             locks: RangeLocks::default(),
-            inline: Inline::new(options.cached_io_inline && !direct),
+            inline: Inline::new(options.cached_io_inline && !direct, blocking_writes),
         })
     }
 
@@ -322,7 +332,10 @@ impl UringFile {
     /// docs) and returns how many bytes of `buf` that filled: the ring does the rest, and
     /// reports errors the usual way.
     fn read_cached(&self, buf: &mut AlignedBuf, offset: u64) -> usize {
-        if buf.len() > INLINE_MAX_BYTES || !self.inline.reads.load(Ordering::Relaxed) {
+        if buf.len() > INLINE_MAX_BYTES
+            || !self.inline.reads.load(Ordering::Relaxed)
+            || !self.driver.is_running()
+        {
             return 0;
         }
         match sys::pread_nowait(&self.file, buf.as_mut_slice(), offset) {
@@ -350,7 +363,10 @@ impl UringFile {
         fua: bool,
     ) -> io::Result<Option<(u64, Bytes)>> {
         let mode = self.inline.writes.load(Ordering::Relaxed);
-        if mode == WRITES_RING || fua || data.len() > INLINE_MAX_BYTES {
+        // A device whose driver is gone is offline: the ring path says so, and a write
+        // that could never be flushed must not be taken here either.
+        if mode == WRITES_RING || fua || data.len() > INLINE_MAX_BYTES || !self.driver.is_running()
+        {
             return Ok(Some((offset, data)));
         }
         if mode == WRITES_NOWAIT {
@@ -364,17 +380,28 @@ impl UringFile {
                     return Ok(Some((offset + done as u64, data.slice(done..))));
                 }
                 Err(e) if done == 0 && nowait_unsupported(&e) => {
-                    self.inline.writes.store(WRITES_BLOCKING, Ordering::Relaxed);
+                    let next = if self.inline.blocking_allowed {
+                        WRITES_BLOCKING
+                    } else {
+                        WRITES_RING
+                    };
+                    self.inline.writes.store(next, Ordering::Relaxed);
+                    if next == WRITES_RING {
+                        return Ok(Some((offset, data)));
+                    }
                 }
                 Err(e) => return Err(e),
             }
         }
-        if self.inline.paused_until.load(Ordering::Relaxed) > self.inline.now() {
+        if self.inline.paused_until.load(Ordering::Relaxed) > self.inline.now()
+            || self.inline.blocking_busy.swap(true, Ordering::Acquire)
+        {
             return Ok(Some((offset, data)));
         }
         let start = Instant::now();
         let (_, result) = sys::pwrite(&self.file, &data, offset, 0);
         let took = start.elapsed();
+        self.inline.blocking_busy.store(false, Ordering::Release);
         if took > SLOW_INLINE_WRITE {
             let until = self
                 .inline
@@ -398,10 +425,9 @@ impl UringFile {
         }
         let c = self
             .driver
-            .submit_rest(Op::Read { buf, offset }, cached, None)
-            .map_err(|DriverGone| self.offline())?
+            .run_rest(Op::Read { buf, offset }, cached, None)
             .await
-            .map_err(|_| self.offline())?;
+            .map_err(|DriverGone| self.offline())?;
         c.result
             .map_err(|e| BlockError::io("read", offset, len as u64, e))?;
         match c.op {
@@ -1478,5 +1504,57 @@ mod tests {
                 "{name}: {s:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_handed_to_the_ring_part_done_keeps_the_part_done() {
+        // What the ring reads after a partial inline read: only the rest of the buffer.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rest");
+        create_sparse_file(&p, 1 << 20).unwrap();
+        let f = UringFile::open(&p, &opts(DirectMode::Off, 512)).unwrap();
+        let data = pattern(6, 64 << 10);
+        f.write(8192, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        let mut buf = AlignedBuf::for_overwrite(64 << 10);
+        buf.as_mut_slice()[..4096].fill(0xab);
+        let c = f
+            .driver
+            .run_rest(Op::Read { buf, offset: 8192 }, 4096, None)
+            .await
+            .unwrap();
+        c.result.unwrap();
+        let Op::Read { buf, .. } = c.op else {
+            panic!("not a read")
+        };
+        assert!(buf.as_slice()[..4096].iter().all(|&b| b == 0xab));
+        assert_eq!(&buf.as_slice()[4096..], &data[4096..]);
+    }
+
+    #[tokio::test]
+    async fn no_inline_io_once_the_driver_has_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("stopped");
+        create_sparse_file(&p, 1 << 20).unwrap();
+        let f = UringFile::open(&p, &opts(DirectMode::Off, 512)).unwrap();
+        let data = pattern(7, 4096);
+        f.write(0, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        assert_reads(&f, 0, &data, "before").await;
+        let before = f.driver_stats();
+        f.driver.pretend_stopped();
+        f.write(4096, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        assert_reads(&f, 4096, &data, "after").await;
+        let after = f.driver_stats();
+        assert_eq!(
+            (after.inline_reads, after.inline_writes),
+            (before.inline_reads, before.inline_writes),
+            "{after:?}"
+        );
+        assert_eq!(after.requests, before.requests + 2, "{after:?}");
     }
 }

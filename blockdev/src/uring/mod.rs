@@ -4,11 +4,13 @@
 //! # Shape
 //!
 //! - `file.rs`: [`UringFile`], the `BlockDev` implementation: range checks, range locks,
-//!   buffers, the fallbacks of write-zeroes; opening (file or block device, O_DIRECT
-//!   negotiation, geometry, serial number).
+//!   buffers, the fallbacks of write-zeroes, the inline page-cache I/O of buffered
+//!   files; opening (file or block device, O_DIRECT negotiation, geometry, serial
+//!   number).
 //! - `driver.rs`: the driver thread that owns the ring, and the request queue tokio tasks
 //!   put requests into.
-//! - `sys.rs`: the few raw system interfaces (ioctls, statx, sysfs).
+//! - `sys.rs`: the few raw system interfaces (ioctls, statx, statfs, sysfs,
+//!   `preadv2`/`pwritev2`).
 //!
 //! # The driver
 //!
@@ -61,14 +63,19 @@
 //! - **Reads** first try `preadv2(RWF_NOWAIT)` on the caller's thread: it copies only
 //!   what is cached and never waits for the disk. What it could not read (not cached,
 //!   an error, past the end) goes to the ring as before, from where it stopped.
-//! - Both only up to [`INLINE_MAX_BYTES`]: larger transfers go through the ring.
 //! - **Writes** (not FUA: those wait for the disk) first try `pwritev2(RWF_NOWAIT)`;
 //!   what the kernel would have to wait for goes to the ring. Where the file system has
 //!   no non-blocking buffered writes (ext4 answers EOPNOTSUPP), the write is made with a
 //!   plain `pwritev2` on the caller's thread, which takes microseconds unless the kernel
-//!   throttles dirty pages or the journal is full. To bound what such a stall costs the
-//!   runtime, a write that took longer than [`SLOW_INLINE_WRITE`] sends the file's
-//!   writes back through the ring for [`INLINE_WRITE_PAUSE`].
+//!   throttles dirty pages, the journal is full or the file system is frozen. So that
+//!   such a stall holds at most one tokio worker: only one such write per file runs at
+//!   a time (others go to the ring meanwhile); after one that took longer than
+//!   [`SLOW_INLINE_WRITE`] the file's writes go through the ring for
+//!   [`INLINE_WRITE_PAUSE`]; and only on local file systems (ext2/3/4, tmpfs), never on
+//!   FUSE or network ones, whose server decides how long a write takes.
+//! - Both only up to [`INLINE_MAX_BYTES`]: larger transfers go through the ring.
+//! - Neither once the driver thread has stopped: the device is then offline, and a
+//!   write it could never flush must not be taken.
 //!
 //! O_DIRECT files always use the ring: their I/O always waits for the device.
 //!
@@ -79,7 +86,7 @@
 //! --compare`). Buffered writes need nothing of the kind: ext4 sends them to the workers
 //! anyway, where io_uring serialises writes to one file, as the inode lock would.
 //!
-//! Apart from those bounded inline writes, nothing here blocks a tokio worker: the only
+//! Apart from those inline writes, nothing here blocks a tokio worker: the only
 //! locks taken on the runtime are the queue and relay mutexes (each held for a `Vec`
 //! push or swap) and the tokio range locks.
 //!
@@ -131,8 +138,9 @@ use std::time::Duration;
 pub const SLOW_INLINE_WRITE: Duration = Duration::from_millis(1);
 
 /// Larger buffered reads and writes always go through the ring: copying them costs more
-/// than the hand-offs, and on the driver thread the copy overlaps with the caller's
-/// network I/O (1 MiB NBD reads inline were 15% slower than through the ring).
+/// than the hand-offs, and off the caller's thread (in io_uring's workers, see the
+/// module docs) the copy overlaps with the caller's network I/O (1 MiB NBD reads inline
+/// were 15% slower than through the ring).
 pub const INLINE_MAX_BYTES: usize = 64 << 10;
 
 /// How long writes go through the ring after a slow inline write.
@@ -168,7 +176,7 @@ pub struct UringOptions {
     pub max_submit_batch: u32,
     /// Buffered files only: serve reads the page cache holds, and writes the page cache
     /// can take, on the calling thread instead of through the ring (default true). See
-    /// the module docs.
+    /// the module docs. (Large buffered reads go to io_uring's workers either way.)
     pub cached_io_inline: bool,
 }
 

@@ -132,6 +132,22 @@ pub(super) fn pwrite(file: &File, data: &[u8], offset: u64, flags: i32) -> (usiz
     (done, Ok(()))
 }
 
+/// Whether `file` lives on a local file system whose buffered writes wait only for
+/// memory and the local disk: ext2/3/4 or tmpfs (`fstatfs` magic numbers).
+pub(super) fn is_local_page_cache_fs(file: &File) -> bool {
+    const EXT_SUPER_MAGIC: i64 = 0xEF53;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live statfs buffer the call fills in.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let magic = st.f_type as i64;
+    matches!(magic, EXT_SUPER_MAGIC | TMPFS_MAGIC)
+}
+
 /// `lseek(2)` with `whence` (SEEK_DATA or SEEK_HOLE) from `offset`; `None` when the
 /// kernel says ENXIO (no data, or no hole, at or after `offset`).
 fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
