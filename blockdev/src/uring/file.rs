@@ -754,6 +754,16 @@ mod tests {
         }
     }
 
+    /// A fresh sparse file of `size` bytes in a temporary directory, opened buffered
+    /// (the directory lives as long as the returned guard).
+    fn buffered_file(name: &str, size: u64) -> (tempfile::TempDir, UringFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(name);
+        create_sparse_file(&p, size).unwrap();
+        let f = UringFile::open(&p, &opts(DirectMode::Off, 512)).unwrap();
+        (dir, f)
+    }
+
     async fn run_conformance(name: &str, direct: DirectMode, block_size: u32) {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicU32::new(0);
@@ -1410,10 +1420,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn buffered_io_uses_the_page_cache_inline_and_the_ring_for_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("inline");
-        create_sparse_file(&p, 4 << 20).unwrap();
-        let f = UringFile::open(&p, &opts(DirectMode::Off, 512)).unwrap();
+        let (_dir, f) = buffered_file("inline", 4 << 20);
         // Small writes and reads go inline; FUA and large transfers through the ring.
         let small = pattern(1, 8192);
         f.write(4096, small.clone(), WriteFlags::default())
@@ -1445,7 +1452,7 @@ mod tests {
             .await
             .unwrap();
         f.flush().await.unwrap();
-        let file = std::fs::File::open(&p).unwrap();
+        let file = std::fs::File::open(f.path()).unwrap();
         // SAFETY: plain advice on a descriptor we own.
         let r = unsafe {
             libc::posix_fadvise(
@@ -1509,10 +1516,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_handed_to_the_ring_part_done_keeps_the_part_done() {
         // What the ring reads after a partial inline read: only the rest of the buffer.
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("rest");
-        create_sparse_file(&p, 1 << 20).unwrap();
-        let f = UringFile::open(&p, &opts(DirectMode::Off, 512)).unwrap();
+        let (_dir, f) = buffered_file("rest", 1 << 20);
         let data = pattern(6, 64 << 10);
         f.write(8192, data.clone(), WriteFlags::default())
             .await
@@ -1534,10 +1538,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_inline_io_once_the_driver_has_stopped() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("stopped");
-        create_sparse_file(&p, 1 << 20).unwrap();
-        let f = UringFile::open(&p, &opts(DirectMode::Off, 512)).unwrap();
+        let (_dir, f) = buffered_file("stopped", 1 << 20);
         let data = pattern(7, 4096);
         f.write(0, data.clone(), WriteFlags::default())
             .await
