@@ -1140,8 +1140,6 @@ fn lockspace_families(ls: &[crate::daemon::lockspaces::LockspaceMetrics]) -> Vec
                 .collect(),
         ));
     }
-    // The encoder refuses a family without samples (lockspaces never joined).
-    f.retain(|x| !x.get_metric().is_empty());
     f
 }
 

@@ -517,12 +517,8 @@ impl Typed {
                     Some(_) => {}
                 }
             }
-            let key = match spec.device() {
-                Ok(LockDevice::Iscsi(url)) => basalt_blockdev_iscsi::IscsiUrl::parse(&url)
-                    .map(|u| format!("iscsi://{}/{}/{}", u.portal, u.target, u.lun))
-                    .unwrap_or(url),
-                _ => spec.device.clone(),
-            };
+            // One device, however its URL spells credentials: the label drops them.
+            let key = super::lockspaces::device_label(&spec.device);
             if let Some(other) = devices.insert(key, spec.name.clone()) {
                 errors.push(err(format!(
                     "device {:?} is already lockspace {other:?}",

@@ -490,15 +490,7 @@ fn nic_port_spec(
     nic: &basalt_compute::definition::Nic,
 ) -> basalt_net::PortSpec {
     let name = vm_port_name(&def.name, &nic.id);
-    let mac = def
-        .nic_mac(i)
-        .map(|m| {
-            format!(
-                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                m[0], m[1], m[2], m[3], m[4], m[5]
-            )
-        })
-        .and_then(|s| s.parse().ok());
+    let mac = def.nic_mac(i).map(basalt_net::MacAddr);
     basalt_net::PortSpec {
         name: name.clone(),
         portgroup: nic.port_group.clone(),
