@@ -119,22 +119,9 @@ fn a_second_host_over_iscsi_holds_a_lock_the_daemon_lists() {
     );
 
     // Host B: the lock manager in this process, over iSCSI to the daemon's target.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = format!("iscsi://{portal}/{IQN}/0");
+    let rt = host_b_runtime();
     let (host_b, guard) = rt.block_on(async {
-        let opts = IscsiOptions {
-            initiator: HOST_B_IQN.into(),
-            io_timeout: Duration::from_secs(5),
-            ..IscsiOptions::default()
-        };
-        let dev: SharedBlockDev = Arc::new(IscsiDev::connect(&url, &opts).await.unwrap());
-        let ls = Lockspace::join(dev, 0, JoinOptions::new([0xbb; 16], "test-host-b"))
-            .await
-            .unwrap();
+        let ls = join_host_b(&portal).await;
         let guard = ls
             .try_lock(
                 ResourceId::from_name("vm1/disk0.vmdk").unwrap(),
@@ -407,22 +394,9 @@ fn a_dead_host_is_taken_over_and_its_lock_broken() {
     );
 
     // Host B joins, takes a lock, and dies (its runtime stops: no release, no leave).
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = format!("iscsi://{portal}/{IQN}/0");
+    let rt = host_b_runtime();
     let (b_slot, b_gen) = rt.block_on(async {
-        let opts = IscsiOptions {
-            initiator: HOST_B_IQN.into(),
-            io_timeout: Duration::from_secs(5),
-            ..IscsiOptions::default()
-        };
-        let dev: SharedBlockDev = Arc::new(IscsiDev::connect(&url, &opts).await.unwrap());
-        let ls = Lockspace::join(dev, 0, JoinOptions::new([0xbb; 16], "test-host-b"))
-            .await
-            .unwrap();
+        let ls = join_host_b(&portal).await;
         let guard = ls
             .lock(
                 ResourceId::from_name("vm2/disk0.vmdk").unwrap(),
@@ -682,4 +656,28 @@ fn two_hosts_formatting_one_blank_device_share_one_lockspace() {
         assert_eq!(st["lost_total"], 0, "{st:#}");
         assert_eq!(st["lockspace_id"], on_a["lockspace_id"], "{st:#}");
     }
+}
+
+/// The runtime host B (the lock manager in this test process) runs on.
+fn host_b_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Host B joins the lockspace at the start of LUN 0 of the daemon's target at `portal`,
+/// over iSCSI.
+async fn join_host_b(portal: &str) -> Lockspace {
+    let opts = IscsiOptions {
+        initiator: HOST_B_IQN.into(),
+        io_timeout: Duration::from_secs(5),
+        ..IscsiOptions::default()
+    };
+    let url = format!("iscsi://{portal}/{IQN}/0");
+    let dev: SharedBlockDev = Arc::new(IscsiDev::connect(&url, &opts).await.unwrap());
+    Lockspace::join(dev, 0, JoinOptions::new([0xbb; 16], "test-host-b"))
+        .await
+        .unwrap()
 }

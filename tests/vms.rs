@@ -539,19 +539,36 @@ fn a_killed_vmm_is_recorded_as_a_crash_and_restarted() {
     }
 }
 
-#[test]
-fn a_vm_disk_can_be_a_daemon_lun() {
-    let dir_disks = tempdir();
+/// A rig with two 256 MiB file disks (d0, d1, in `disks`) and a RAID 1 pool `p0` on them.
+fn rig_with_pool(disks: &tempfile::TempDir) -> Rig {
     let mut doc = String::from(EPHEMERAL);
     for i in 0..2 {
         doc += &format!(
             "\n[[disk]]\nname = \"d{i}\"\npath = \"{}\"\nkind = \"file\"\nsize = \"256M\"\n",
-            dir_disks.path().join(format!("d{i}.img")).display()
+            disks.path().join(format!("d{i}.img")).display()
         );
     }
     let r = rig(Some(doc));
     r.d.cli(&["pool", "create", "p0", "--raid", "1", "d0", "d1"])
         .ok();
+    r
+}
+
+/// The switch port (TAP) of a VM's NIC: the daemon names it after a hash of VM and NIC
+/// (FNV-1a of "VM/NIC"), which the tests cannot call (the daemon is a binary crate).
+fn tap_name(vm: &str, nic: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in format!("{vm}/{nic}").bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("bvm-{h:08x}")
+}
+
+#[test]
+fn a_vm_disk_can_be_a_daemon_lun() {
+    let dir_disks = tempdir();
+    let r = rig_with_pool(&dir_disks);
     r.d.cli(&["lun", "create", "root1", "--pool", "p0", "--size", "16M"])
         .ok();
     let kernel = r.kernel("ids", &DEVICE_IDS);
@@ -707,13 +724,7 @@ fn a_vm_nic_is_a_tap_on_its_port_group() {
     let list: Value =
         serde_json::from_str(&r.d.cli(&["--json", "switch", "list"]).ok().stdout).unwrap();
     let ports = list[0]["status"]["ports"].as_array().unwrap().clone();
-    // The port is named after a hash of VM and NIC (FNV-1a of "spin/eth0").
-    let mut h: u32 = 0x811c_9dc5;
-    for b in b"spin/eth0" {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    let tap = format!("bvm-{h:08x}");
+    let tap = tap_name("spin", "eth0");
     let port = ports
         .iter()
         .find(|p| p["name"] == tap.as_str())
@@ -794,17 +805,8 @@ fn running_vms_outlive_a_daemon_restart() {
 #[test]
 fn a_vm_lun_disk_keeps_working_across_a_daemon_restart() {
     let disks = tempdir();
-    let mut doc = String::from(EPHEMERAL);
-    for i in 0..2 {
-        doc += &format!(
-            "\n[[disk]]\nname = \"d{i}\"\npath = \"{}\"\nkind = \"file\"\nsize = \"256M\"\n",
-            disks.path().join(format!("d{i}.img")).display()
-        );
-    }
-    let mut r = rig(Some(doc));
+    let mut r = rig_with_pool(&disks);
     let data = r.d.data_dir.clone();
-    r.d.cli(&["pool", "create", "p0", "--raid", "1", "d0", "d1"])
-        .ok();
     r.d.cli(&["lun", "create", "root1", "--pool", "p0", "--size", "16M"])
         .ok();
     let kernel = r.kernel("disk-loop", &DISK_LOOP);
@@ -875,16 +877,7 @@ fn a_vm_lun_disk_keeps_working_across_a_daemon_restart() {
 #[test]
 fn a_lun_is_not_taken_from_a_running_vm() {
     let disks = tempdir();
-    let mut doc = String::from(EPHEMERAL);
-    for i in 0..2 {
-        doc += &format!(
-            "\n[[disk]]\nname = \"d{i}\"\npath = \"{}\"\nkind = \"file\"\nsize = \"256M\"\n",
-            disks.path().join(format!("d{i}.img")).display()
-        );
-    }
-    let r = rig(Some(doc));
-    r.d.cli(&["pool", "create", "p0", "--raid", "1", "d0", "d1"])
-        .ok();
+    let r = rig_with_pool(&disks);
     for lun in ["x", "y"] {
         r.d.cli(&["lun", "create", lun, "--pool", "p0", "--size", "16M"])
             .ok();
@@ -958,14 +951,7 @@ fn a_vm_nic_port_is_back_after_a_daemon_restart() {
     assert_eq!(r.api("POST", "/api/v1/vms/spin/start", None).0, 200);
     let v = r.wait("spin", "a boot", |_| r.console("spin") == "net\n");
     let pid = v["status"]["pid"].as_u64().unwrap();
-    let tap = {
-        let mut h: u32 = 0x811c_9dc5;
-        for b in b"spin/eth0" {
-            h ^= u32::from(*b);
-            h = h.wrapping_mul(0x0100_0193);
-        }
-        format!("bvm-{h:08x}")
-    };
+    let tap = tap_name("spin", "eth0");
     let port = |r: &Rig| -> Option<Value> {
         let list: Value =
             serde_json::from_str(&r.d.cli(&["--json", "switch", "list"]).ok().stdout).unwrap();
