@@ -129,6 +129,7 @@ impl Listeners {
         self.tracker.spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
+                    biased;
                     _ = stop.cancelled() => break,
                     accepted = listener.accept() => match accepted {
                         Ok(a) => a,
@@ -173,6 +174,7 @@ impl Listeners {
         self.tracker.spawn(async move {
             loop {
                 let stream = tokio::select! {
+                    biased;
                     _ = shutdown.cancelled() => break,
                     accepted = listener.accept() => match accepted {
                         Ok((s, _)) => s,

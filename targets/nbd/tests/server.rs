@@ -498,6 +498,51 @@ async fn graceful_stop_answers_in_flight_and_refuses_handshakes() {
     assert!(TcpStream::connect(addr).is_err());
 }
 
+/// A client mid-handshake when the server stops gets `NBD_REP_ERR_SHUTDOWN` for its
+/// next option, however its bytes and the stop interleave: a stopping server never
+/// completes a handshake (a client that reconnects at once must not land on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_in_progress_when_the_server_stops_is_refused() {
+    use basalt_nbd::test_utils::{ClientMsg, OptionReply};
+    let mut devices = Devices::new();
+    devices.insert("lun0".into(), mem(2048, 512));
+    let (server, addr) = start(config(&["lun0"]), devices).await;
+    let mut s = blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        s
+    })
+    .await;
+    let stopping = tokio::spawn(server.stop(Duration::from_secs(5)));
+    // The stop has begun once the listener is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(addr).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listener outlived stop"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let replies = blocking(move || {
+        s.write_all(&ClientMsg::option(opt::GO, &opt_data_info("lun0", &[])))
+            .unwrap();
+        // One reply (the client then disconnects, as it would on this error).
+        let mut reply = vec![0u8; 20];
+        s.read_exact(&mut reply).unwrap();
+        let len = u32::from_be_bytes(reply[16..20].try_into().unwrap()) as usize;
+        reply.resize(20 + len, 0);
+        s.read_exact(&mut reply[20..]).unwrap();
+        OptionReply::parse_all(&reply)
+    })
+    .await;
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].kind, rep::ERR_SHUTDOWN, "{replies:?}");
+    stopping.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_required_refuses_plaintext_options() {
     let mut devices = Devices::new();

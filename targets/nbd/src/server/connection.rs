@@ -269,6 +269,12 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> io::Result<HandshakeEvent> {
     let mut shutting_down = false;
     loop {
+        // Checked before the input is handled: options that arrived together with the
+        // stop must not complete a handshake on a stopping server.
+        if !shutting_down && signals.stop.is_cancelled() {
+            shutting_down = true;
+            hs.begin_shutdown();
+        }
         let state = shared.current();
         let catalog = PeerCatalog::new(&state, peer.ip());
         let ev = hs.handle_input(inbuf, &catalog);
@@ -284,14 +290,15 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             inbuf.reserve(16 * 1024);
         }
         tokio::select! {
+            biased;
+            _ = signals.stop.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                hs.begin_shutdown();
+            }
             n = io.read_buf(inbuf) => {
                 if n? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
-            }
-            _ = signals.stop.cancelled(), if !shutting_down => {
-                shutting_down = true;
-                hs.begin_shutdown();
             }
         }
     }

@@ -563,7 +563,10 @@ async fn accept_loop(
     signals: Signals,
 ) {
     loop {
+        // Stop first: a client that connected as the server stopped (one that lost its
+        // connection to the stop and came straight back) must not be accepted.
         let accepted = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
             r = listener.accept() => r,
         };
