@@ -64,6 +64,13 @@ pub enum LockError {
     /// A lockspace exists already and `force` was not given.
     #[error("a lockspace already exists here")]
     AlreadyFormatted,
+    /// Another host is formatting this range (its claim is on the header sector), or
+    /// took the range over while this host was formatting it. A claim left by a host
+    /// that died mid-format is cleared with `force`.
+    #[error(
+        "another host is formatting this lockspace (use force to take over a format that died)"
+    )]
+    FormatInProgress,
     /// `format_if_blank` over a range that does not read zero.
     #[error("the range is not blank (non-zero data at byte {offset})")]
     NotBlank {

@@ -36,6 +36,24 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Marks a header sector claimed by a [`Lockspace::format`] in progress; the rest of
+/// the sector is a random nonce, so two hosts' claims differ.
+const FORMAT_CLAIM_MAGIC: [u8; 8] = *b"BSLTFMT\0";
+
+pub(crate) fn format_claim(sector: usize) -> Bytes {
+    let mut b = vec![0u8; sector];
+    b[..8].copy_from_slice(&FORMAT_CLAIM_MAGIC);
+    for chunk in b[8..].chunks_mut(8).take(4) {
+        let n = chunk.len();
+        chunk.copy_from_slice(&random_u64().to_le_bytes()[..n]);
+    }
+    Bytes::from(b)
+}
+
+fn is_format_claim(sector: &[u8]) -> bool {
+    sector.starts_with(&FORMAT_CLAIM_MAGIC)
+}
+
 /// Parameters of [`Lockspace::format`].
 #[derive(Debug, Clone)]
 pub struct FormatOptions {
@@ -484,6 +502,16 @@ impl Lockspace {
     /// Writes an empty lockspace at byte `base` of `dev` (an administrative step, like
     /// mkfs: no host may be using the range). Refuses to overwrite a valid lockspace
     /// unless `force`.
+    ///
+    /// Hosts may run this at once on a shared LUN (two admins, or two hosts' configs
+    /// applied together), so the range is claimed first: the header sector is swapped
+    /// with COMPARE AND WRITE from what was read to a claim of this format, the regions
+    /// are zeroed, and the header replaces the claim with COMPARE AND WRITE again. Of
+    /// two formats at once, one claims and the other gets
+    /// [`LockError::FormatInProgress`] and writes nothing: without the claim, the
+    /// loser's zeroing could wipe the slot of a host that had already joined the
+    /// winner's lockspace. A claim left by a format that died is taken over with
+    /// `force`.
     pub async fn format(
         dev: &SharedBlockDev,
         base: u64,
@@ -491,9 +519,36 @@ impl Lockspace {
     ) -> Result<Header, LockError> {
         let h = header_for(dev, base, opts)?;
         let t = Duration::from_secs(30);
-        if !opts.force && read_header(dev, base, t).await.is_ok() {
-            return Err(LockError::AlreadyFormatted);
+        let sector = h.sector_size as usize;
+        let current = cas::read(&**dev, base, sector, t, &mut Trips::default()).await?;
+        if !opts.force {
+            if read_header(dev, base, t).await.is_ok() {
+                return Err(LockError::AlreadyFormatted);
+            }
+            if is_format_claim(&current) {
+                return Err(LockError::FormatInProgress);
+            }
         }
+        let claim = format_claim(sector);
+        let fua = basalt_blockdev::WriteFlags { fua: true };
+        let swap = |old: Bytes, new: Bytes, what: &'static str| async move {
+            match tokio::time::timeout(t, dev.compare_and_write(base, old, new.clone(), fua))
+                .await
+                .map_err(|_| LockError::IoTimeout(what))??
+            {
+                basalt_blockdev::CompareOutcome::Written => Ok(()),
+                // Our own write, retried underneath after a lost answer, reads back as it.
+                basalt_blockdev::CompareOutcome::Miscompare { .. } => {
+                    let now = cas::read(&**dev, base, sector, t, &mut Trips::default()).await?;
+                    if now == new {
+                        Ok(())
+                    } else {
+                        Err(LockError::FormatInProgress)
+                    }
+                }
+            }
+        };
+        swap(current, claim.clone(), "format claim compare-and-write").await?;
         let regions = h.total_bytes() - u64::from(h.sector_size);
         dev.write_zeroes(
             base + u64::from(h.sector_size),
@@ -502,12 +557,7 @@ impl Lockspace {
         )
         .await?;
         dev.flush().await?;
-        dev.write(
-            base,
-            Bytes::from(h.encode()),
-            basalt_blockdev::WriteFlags { fua: true },
-        )
-        .await?;
+        swap(claim, Bytes::from(h.encode()), "header compare-and-write").await?;
         Ok(h)
     }
 

@@ -726,6 +726,73 @@ async fn format_guards() {
     ));
 }
 
+/// Two explicit formats of the same range at once (over old data, where
+/// `format_if_blank` would refuse): their reads interleave, yet one claims the range and
+/// writes its lockspace, and the other writes nothing (`FormatInProgress`), so it cannot
+/// zero the slot of a host that joined the winner's lockspace. A claim left by a format
+/// that died blocks a plain format and is taken over with `force`.
+#[tokio::test(start_paused = true)]
+async fn explicit_formats_at_once_have_one_winner() {
+    let fault = Arc::new(basalt_blockdev::FaultDev::new(Arc::new(MemDev::new(
+        8192, BS,
+    ))));
+    fault.set_latency(
+        basalt_blockdev::fault::FaultOp::Read,
+        Duration::from_millis(5),
+    );
+    let dev: SharedBlockDev = fault.clone();
+    dev.write(
+        0,
+        Bytes::from(vec![9u8; 4 * BS as usize]),
+        WriteFlags::default(),
+    )
+    .await
+    .unwrap();
+    let opts = FormatOptions {
+        max_hosts: 8,
+        max_locks: 32,
+        ..FormatOptions::default()
+    };
+    let (a, b) = tokio::join!(
+        Lockspace::format(&dev, 0, &opts),
+        Lockspace::format(&dev, 0, &opts)
+    );
+    let (won, lost) = match (a, b) {
+        (Ok(h), Err(e)) | (Err(e), Ok(h)) => (h, e),
+        other => panic!("want exactly one winner: {other:?}"),
+    };
+    assert!(matches!(lost, LockError::FormatInProgress), "{lost:?}");
+    assert_eq!(Lockspace::read_header(&dev, 0).await.unwrap(), won);
+    let host = Lockspace::join(dev.clone(), 0, JoinOptions::new([1; 16], "a"))
+        .await
+        .unwrap();
+    assert_eq!(host.header().lockspace_id, won.lockspace_id);
+    assert!(matches!(
+        Lockspace::format(&dev, 0, &opts).await,
+        Err(LockError::AlreadyFormatted)
+    ));
+
+    // A format that died after its claim.
+    let died: SharedBlockDev = Arc::new(MemDev::new(8192, BS));
+    died.write(
+        0,
+        crate::lockspace::format_claim(BS as usize),
+        WriteFlags::default(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        Lockspace::format(&died, 0, &opts).await,
+        Err(LockError::FormatInProgress)
+    ));
+    let forced = FormatOptions {
+        force: true,
+        ..opts.clone()
+    };
+    let h = Lockspace::format(&died, 0, &forced).await.unwrap();
+    assert_eq!(Lockspace::read_header(&died, 0).await.unwrap(), h);
+}
+
 /// Two hosts formatting the same blank range at once (`format = true` on both):
 /// their blank checks interleave (every read is delayed), yet exactly one header is
 /// written; the other host gets `AlreadyFormatted` and joins the same lockspace, and a
