@@ -581,6 +581,12 @@ fn register_and_move(lu: &LogicalUnit, n: &NexusId, data: &[u8]) -> Res {
     if sa_key == 0 {
         return Err(Sense::INVALID_FIELD_IN_PARAM.with_field(false, 8, None));
     }
+    // A target has one portal group (its TPGT is the relative port id of every nexus
+    // through it), so the only target port a reservation can move to is the one this
+    // command came through; any other names no port of ours (SPC-4 5.13.8).
+    if rel_port != n.rel_port {
+        return Err(Sense::INVALID_FIELD_IN_PARAM.with_field(false, 18, None));
+    }
     let Some(dest) =
         nexus_of_transport_id(&data[24..24 + tid_len], &n.target, rel_port, &st.pr.regs)
     else {
@@ -824,6 +830,13 @@ mod tests {
             run(a.clone(), pr_out_cdb(7, EA, p.len()), p).await.status,
             Status::CheckCondition
         );
+        // A relative target port that is not ours: refused, nothing moves.
+        let mut p = move_params(0xa, 0xb, false, &b.initiator_port(), 1);
+        p[18..20].copy_from_slice(&7u16.to_be_bytes());
+        let r = run(a.clone(), pr_out_cdb(7, EA, p.len()), p).await;
+        assert_eq!(r.status, Status::CheckCondition);
+        assert!(lu.lock().pr.is_holder(&a));
+        assert!(lu.lock().pr.reg(&b).is_none());
         // A moves the reservation to B (format 01: B's port), unregistering itself.
         let p = move_params(0xa, 0xb, true, &b.initiator_port(), 1);
         assert_eq!(
