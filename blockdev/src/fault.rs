@@ -68,7 +68,8 @@ use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::io;
 use std::ops::Range;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// Which requests a rule or a latency applies to. See the [module docs](self).
@@ -206,8 +207,9 @@ fn overlaps(range: &Range<u64>, offset: u64, len: u64) -> bool {
 struct ActiveRule {
     id: RuleId,
     rule: ErrorRule,
-    /// None: forever.
-    remaining: Option<u64>,
+    /// None: forever. Shared by the pieces of a rule that a rewrite split in two, so
+    /// the pieces together fire as often as the rule did.
+    remaining: Option<Arc<AtomicU64>>,
 }
 
 #[derive(Default)]
@@ -322,7 +324,7 @@ impl FaultDev {
             st.rules.push(ActiveRule {
                 id,
                 rule,
-                remaining,
+                remaining: remaining.map(|n| Arc::new(AtomicU64::new(n))),
             });
         }
         id
@@ -494,10 +496,11 @@ impl FaultDev {
             if !st.rng.chance(r.rule.probability) {
                 continue;
             }
-            if let Some(n) = &mut st.rules[i].remaining {
-                *n -= 1;
-                if *n == 0 {
-                    st.rules.remove(i);
+            if let Some(n) = &st.rules[i].remaining {
+                // Only ever changed under the state lock.
+                if n.fetch_sub(1, Ordering::Relaxed) == 1 {
+                    let id = st.rules[i].id;
+                    st.rules.retain(|r| r.id != id);
                 }
             }
             st.injected += 1;
@@ -529,7 +532,7 @@ impl FaultDev {
                 (false, true) => st.rules[i].rule.range = left,
                 (true, false) => st.rules[i].rule.range = right,
                 (false, false) => {
-                    let (id, remaining) = (st.rules[i].id, st.rules[i].remaining);
+                    let (id, remaining) = (st.rules[i].id, st.rules[i].remaining.clone());
                     let mut rule = st.rules[i].rule.clone();
                     st.rules[i].rule.range = left;
                     rule.range = right;
@@ -837,7 +840,6 @@ mod tests {
     use super::*;
     use crate::conformance::{self, assert_reads, pattern};
     use crate::{MemDev, UringFile, UringOptions};
-    use std::sync::Arc;
     use std::time::Instant;
 
     const BS: u64 = 512;
@@ -951,6 +953,26 @@ mod tests {
             .unwrap();
         dev.read(0, 64 * BS as usize).await.unwrap();
         assert!(!dev.remove_rule(id), "retired once fully rewritten");
+    }
+
+    #[tokio::test]
+    async fn a_split_rule_fires_as_often_as_the_whole_one() {
+        let dev = FaultDev::new(mem(64));
+        let id = dev.add_rule(
+            ErrorRule::new(FaultOp::Read)
+                .range(4 * BS..10 * BS)
+                .times(Times::Count(2))
+                .until_rewritten(),
+        );
+        // Rewriting the middle splits the rule in two; the pieces share its count.
+        dev.write(6 * BS, pattern(1, 2 * BS as usize), NO)
+            .await
+            .unwrap();
+        assert!(is_eio(&dev.read(4 * BS, BS as usize).await));
+        assert!(is_eio(&dev.read(9 * BS, BS as usize).await));
+        dev.read(5 * BS, BS as usize).await.unwrap();
+        dev.read(8 * BS, BS as usize).await.unwrap();
+        assert!(!dev.remove_rule(id), "both pieces retired with the count");
     }
 
     async fn failure_pattern(seed: u64) -> Vec<bool> {
