@@ -57,6 +57,32 @@ where
         .map_err(|e| ApiError::Internal(format!("background task failed: {e}")))?
 }
 
+/// After a LUN rename whose apply failed: stores the configuration that names the LUN
+/// as its pool now does (`before` if the pool's rename was `undone`, else `renamed`).
+/// The apply may have failed after it committed `renamed` (a switch that cannot be
+/// reconciled), or before; a store that names the LUN otherwise than its pool makes the
+/// next apply create an empty LUN under the declared name. Storing what the store
+/// already holds changes nothing.
+fn settle_failed_rename(
+    store: &Store,
+    old: &str,
+    new: &str,
+    undone: Result<(), basalt_lun::PoolError>,
+    before: &DesiredState,
+    renamed: &DesiredState,
+) {
+    let keep = match undone {
+        Ok(()) => before,
+        Err(undo) => {
+            tracing::error!(old, new, error = %undo, "cannot undo a LUN rename; the configuration keeps the new name");
+            renamed
+        }
+    };
+    if let Err(e) = store.apply(keep) {
+        tracing::error!(old, new, error = %e, "cannot store the LUN's name after a failed rename; the configuration may name it otherwise than its pool");
+    }
+}
+
 impl Appliance {
     /// The appliance on an open store; opens every declared disk.
     pub async fn new(
@@ -543,12 +569,16 @@ impl Appliance {
         pool.rename(old, new)
             .await
             .map_err(super::storage::pool_error)?;
+        let before = desired.clone();
         if let Some(mut spec) = typed.luns.into_iter().find(|l| l.name == old) {
             desired.sections.lun.retain(|s| s.name() != Some(old));
             spec.name = new.to_string();
             put_named(&mut desired.sections, "lun", new, &spec).map_err(ApiError::Internal)?;
         }
-        match self.apply_state(desired, ApplyOptions::default()).await {
+        match self
+            .apply_state(desired.clone(), ApplyOptions::default())
+            .await
+        {
             Ok(mut result) => {
                 result
                     .changes
@@ -557,8 +587,16 @@ impl Appliance {
                 Ok(result)
             }
             Err(e) => {
-                if let Err(undo) = pool.rename(new, old).await {
-                    tracing::error!(old, new, error = %undo, "cannot undo a LUN rename");
+                let undone = pool.rename(new, old).await.map(|_| ());
+                let store = self.store.clone();
+                let (o, n) = (old.to_string(), new.to_string());
+                let settled = blocking(move || {
+                    settle_failed_rename(&store, &o, &n, undone, &before, &desired);
+                    Ok(())
+                })
+                .await;
+                if let Err(join) = settled {
+                    tracing::error!(old, new, error = %join, "cannot settle a failed LUN rename");
                 }
                 Err(e)
             }
@@ -1240,4 +1278,52 @@ fn describe(plan: &Plan) -> Vec<String> {
         changes.push(format!("remove {}", key.replace('/', " ")));
     }
     changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(lun: &str) -> DesiredState {
+        DesiredState::from_toml(&format!(
+            "version = 1\n[api]\nlisten = [\"127.0.0.1:0\"]\n\
+             [[lun]]\nname = \"{lun}\"\npool = \"p0\"\nsize = \"16M\"\n"
+        ))
+        .unwrap()
+    }
+
+    fn luns(store: &Store) -> Vec<String> {
+        let d = store.desired_state().unwrap();
+        d.sections
+            .lun
+            .iter()
+            .filter_map(|s| s.name().map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_rename_leaves_the_lun_named_as_its_pool_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (before, renamed) = (doc("old"), doc("new"));
+        store.apply(&before).unwrap();
+
+        // The apply failed after it committed the new name; the pool's rename was
+        // undone: the stored configuration goes back to the old name.
+        store.apply(&renamed).unwrap();
+        assert_eq!(luns(&store), ["new"]);
+        settle_failed_rename(&store, "old", "new", Ok(()), &before, &renamed);
+        assert_eq!(luns(&store), ["old"]);
+
+        // The apply failed before it committed: nothing to put back, nothing written.
+        let generation = store.generation().unwrap();
+        settle_failed_rename(&store, "old", "new", Ok(()), &before, &renamed);
+        assert_eq!(luns(&store), ["old"]);
+        assert_eq!(store.generation().unwrap(), generation);
+
+        // The pool keeps the new name (its undo failed): so does the configuration.
+        let undo = Err(basalt_lun::PoolError::Exists("old".into()));
+        settle_failed_rename(&store, "old", "new", undo, &before, &renamed);
+        assert_eq!(luns(&store), ["new"]);
+    }
 }

@@ -13,7 +13,8 @@
 //! - a NIC that names a port group gets a TAP opened here (with virtio-net headers) and
 //!   attached to the vSwitch that has that port group, as a `netdev` port named
 //!   `bvm-XXXXXXXX` (a hash of VM and NIC) with the NIC's MAC; the VMM inherits the TAP's
-//!   fd. The TAP goes away with the VMM; the next start replaces the port.
+//!   fd. The TAP goes away with the VMM; the next start replaces the port, unless a
+//!   running VM's NIC has the same port name (a hash collision): that start is refused.
 //!
 //! File and NBD-URI disks need nothing from the daemon: the VMM opens them itself.
 
@@ -22,7 +23,7 @@ use crate::api::error::ApiError;
 use basalt_compute::definition::{DiskSource, VmDefinition};
 use basalt_compute::launch::{DiskEndpoint, NicEndpoint, VmmArgs};
 use basalt_compute::nbd::NbdAddress;
-use basalt_compute::store::{StoreError, VmState, VmStatus, VmStore};
+use basalt_compute::store::{StoreError, VmEntry, VmState, VmStatus, VmStore};
 use basalt_compute::supervisor::{Launch, Resolver, Supervisor, SupervisorConfig, SupervisorError};
 use basalt_nbd::{Devices, ExportConfig, NbdConfig, NbdServer};
 use serde::{Deserialize, Serialize};
@@ -194,27 +195,29 @@ impl Vms {
 
     /// The active (starting, running, ...) VMs with a disk on a LUN of pool `pool`: the
     /// pool must not be exported under them. Synchronous, as [`Vms::using_lun`].
+    ///
+    /// Fails closed: a VM whose state cannot be read, or an active one whose definition
+    /// cannot be read, is an error rather than "not on the pool". An error (rather than
+    /// counting such a VM as active) refuses the export just the same, and tells the
+    /// admin the real reason instead of claiming that the VM runs.
     pub fn active_on_pool(&self, pool: &str) -> Result<Vec<String>, ApiError> {
         let prefix = format!("{pool}/");
-        Ok(self
-            .supervisor
-            .store()
-            .list()?
-            .into_iter()
-            .filter(|e| {
-                e.definition.as_ref().is_ok_and(|d| {
-                    d.disks.iter().any(
-                        |disk| matches!(&disk.source, DiskSource::Lun(l) if l.starts_with(&prefix)),
-                    )
-                })
-            })
-            .filter(|e| {
-                self.supervisor
-                    .status(&e.name)
-                    .is_ok_and(|s| s.state.is_active())
-            })
-            .map(|e| e.name)
-            .collect())
+        let list = self.supervisor.store().list()?;
+        active_users(
+            list,
+            None,
+            |d| {
+                d.disks.iter().any(
+                    |disk| matches!(&disk.source, DiskSource::Lun(l) if l.starts_with(&prefix)),
+                )
+            },
+            |name| vm_active(&self.supervisor, name),
+        )
+        .map_err(|why| {
+            ApiError::Conflict(format!(
+                "cannot check that no running VM uses pool {pool:?}: {why}"
+            ))
+        })
     }
 
     /// Exports again, with the current handles, the LUNs whose handle changed under the
@@ -501,6 +504,141 @@ fn nic_port_spec(
     }
 }
 
+/// Whether VM `other` has a disk on LUN `source` that, with a disk of ours on it
+/// (`read_only` or not), makes two writers: only two read-only disks may share a LUN.
+fn writes_with(other: &VmDefinition, source: &str, read_only: bool) -> bool {
+    other.disks.iter().any(|d| {
+        matches!(&d.source, DiskSource::Lun(l) if l == source) && !(d.read_only && read_only)
+    })
+}
+
+/// Whether VM `name` is active (starting, running, stopping). A VM whose folder is gone
+/// is not (an active VM cannot be deleted); any other failure is an error, which the
+/// checks treat as "maybe active".
+fn vm_active(sup: &Supervisor, name: &str) -> Result<bool, String> {
+    match sup.status(name) {
+        Ok(s) => Ok(s.state.is_active()),
+        Err(SupervisorError::Store(StoreError::NotFound(_))) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The active VMs among `entries` (but `me`) whose definition `uses` accepts. Nothing
+/// unknown passes as "not a user": a VM whose state cannot be read (`active` fails), or
+/// an active one whose definition cannot be read, is an error, as what it uses is not
+/// known. A stopped VM with an unreadable definition is no user: it cannot start until
+/// its definition reads again, and that start is checked too.
+fn active_users(
+    entries: Vec<VmEntry>,
+    me: Option<&str>,
+    uses: impl Fn(&VmDefinition) -> bool,
+    active: impl Fn(&str) -> Result<bool, String>,
+) -> Result<Vec<String>, String> {
+    let mut users = Vec::new();
+    for e in entries {
+        if me == Some(e.name.as_str()) {
+            continue;
+        }
+        match &e.definition {
+            Ok(d) if !uses(d) => {}
+            Ok(_) => {
+                let on = active(&e.name).map_err(|why| {
+                    format!("cannot tell whether VM {:?} is running: {why}", e.name)
+                })?;
+                if on {
+                    users.push(e.name);
+                }
+            }
+            Err(bad) => {
+                let on = active(&e.name).map_err(|why| {
+                    format!(
+                        "VM {:?} has an unreadable definition ({bad}) and its state \
+                         cannot be read: {why}",
+                        e.name
+                    )
+                })?;
+                if on {
+                    return Err(format!(
+                        "VM {:?} is running but its definition cannot be read ({bad}), \
+                         so what it uses is unknown",
+                        e.name
+                    ));
+                }
+            }
+        }
+    }
+    Ok(users)
+}
+
+/// Who a switch port named `port`, made for NIC `nic` of VM `def`, may belong to
+/// besides that NIC.
+#[derive(Debug, PartialEq, Eq)]
+enum PortOwner {
+    /// Nobody else: a port of that name is this NIC's, left from its last run.
+    Free,
+    /// Another NIC of this VM, or a NIC of another VM that is active.
+    Other(String),
+    /// Cannot tell: the VMs cannot be listed, or one that is active (or whose state
+    /// cannot be read) has an unreadable definition.
+    Unknown(String),
+}
+
+/// Who else has port name `port` (see [`PortOwner`]). Port names are a 32-bit hash of
+/// VM and NIC (`name`, [`vm_port_name`] but in tests), so two VM/NIC pairs can share
+/// one: the second must neither take the first's port off its switch nor make it its
+/// own. A NIC of a VM that is not active owns no port (its TAP went with its VMM).
+fn port_owner(
+    def: &VmDefinition,
+    nic: &str,
+    port: &str,
+    entries: &[VmEntry],
+    name: impl Fn(&str, &str) -> String,
+    active: impl Fn(&str) -> Result<bool, String>,
+) -> PortOwner {
+    if let Some(n) = def
+        .nics
+        .iter()
+        .find(|n| n.id != nic && name(&def.name, &n.id) == port)
+    {
+        return PortOwner::Other(format!("NIC {:?} of the same VM", n.id));
+    }
+    let mut unknown = None;
+    for e in entries.iter().filter(|e| e.name != def.name) {
+        let same = match &e.definition {
+            Ok(d) => match d.nics.iter().find(|n| name(&d.name, &n.id) == port) {
+                Some(n) => Ok(n.id.clone()),
+                None => continue,
+            },
+            Err(bad) => Err(bad),
+        };
+        match (active(&e.name), same) {
+            (Ok(false), _) => {}
+            (Ok(true), Ok(n)) => {
+                return PortOwner::Other(format!("NIC {n:?} of VM {:?}, which is running", e.name))
+            }
+            (Err(why), Ok(n)) => {
+                unknown.get_or_insert(format!(
+                    "VM {:?} (NIC {n:?}) may be running: its state cannot be read: {why}",
+                    e.name
+                ));
+            }
+            (Ok(true), Err(bad)) => {
+                unknown.get_or_insert(format!(
+                    "VM {:?} is running but its definition cannot be read ({bad})",
+                    e.name
+                ));
+            }
+            (Err(why), Err(bad)) => {
+                unknown.get_or_insert(format!(
+                    "VM {:?} has an unreadable definition ({bad}) and state ({why})",
+                    e.name
+                ));
+            }
+        }
+    }
+    unknown.map_or(PortOwner::Free, PortOwner::Unknown)
+}
+
 impl Handover {
     /// Re-exports, with the handle the storage has now, every export whose LUN handle
     /// changed (the pool was checked or re-imported: the old handle fails). The server
@@ -573,23 +711,30 @@ impl Handover {
         }
     }
 
-    /// The other active VM that has a disk on LUN `source` (`POOL/LUN`), unless both
-    /// disks are read-only: two writers of one LUN corrupt it.
-    fn sharing(&self, def: &VmDefinition, source: &str, read_only: bool) -> Option<String> {
-        let sup = self.supervisor.get().and_then(Weak::upgrade)?;
-        let list = sup.store().list().ok()?;
-        list.into_iter()
-            .filter(|e| e.name != def.name)
-            .filter(|e| {
-                e.definition.as_ref().is_ok_and(|other| {
-                    other.disks.iter().any(|d| {
-                        matches!(&d.source, DiskSource::Lun(l) if l == source)
-                            && !(d.read_only && read_only)
-                    })
-                })
-            })
-            .find(|e| sup.status(&e.name).is_ok_and(|s| s.state.is_active()))
-            .map(|e| e.name)
+    /// The other active VMs that have a disk on LUN `source` (`POOL/LUN`), unless both
+    /// disks are read-only: two writers of one LUN corrupt it. An error when that cannot
+    /// be known (see [`active_users`]): the start must then be refused, not let through.
+    fn sharing(
+        &self,
+        def: &VmDefinition,
+        source: &str,
+        read_only: bool,
+    ) -> Result<Vec<String>, String> {
+        let sup = self
+            .supervisor
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or("the VM supervisor is gone")?;
+        let list = sup
+            .store()
+            .list()
+            .map_err(|e| format!("cannot list the VMs: {e}"))?;
+        active_users(
+            list,
+            Some(&def.name),
+            |other| writes_with(other, source, read_only),
+            |name| vm_active(&sup, name),
+        )
     }
 
     /// Exports `luns` (export name = LUN name) on the VM NBD server, starting it on first
@@ -678,17 +823,22 @@ impl Handover {
     }
 
     /// Takes the NIC ports of VMs that do not run (all, or only `only`) off their
-    /// switches. Blocks (switch calls).
+    /// switches; a port whose name another, active VM/NIC shares (or may share) is that
+    /// one's and stays. Blocks (switch calls).
     fn release_ports(&self, sup: &Supervisor, only: Option<&str>) {
         let _serial = self.nic_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let defs: Vec<VmDefinition> = match only {
-            Some(name) => sup.store().get(name).into_iter().collect(),
-            None => sup
-                .store()
-                .list()
-                .map(|l| l.into_iter().filter_map(|e| e.definition.ok()).collect())
-                .unwrap_or_default(),
+        // Every VM, for the owner check: without the list no port can be told stale.
+        let entries = match sup.store().list() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the VMs to release their NIC ports");
+                return;
+            }
         };
+        let defs = entries
+            .iter()
+            .filter(|e| only.is_none_or(|n| n == e.name))
+            .filter_map(|e| e.definition.as_ref().ok());
         for def in defs {
             if def.nics.is_empty() || sup.status(&def.name).map_or(true, |s| s.state.is_active()) {
                 continue;
@@ -698,14 +848,28 @@ impl Handover {
                 let Ok(sw) = self.appliance.switches().with_portgroup(&nic.port_group) else {
                     continue;
                 };
-                if sw.port(&port).is_some() {
-                    match sw.remove_port(&port) {
-                        Ok(_) => {
-                            tracing::info!(vm = %def.name, nic = %nic.id, %port, "VM NIC port removed")
-                        }
-                        Err(e) => {
-                            tracing::warn!(vm = %def.name, %port, error = %e, "cannot remove a VM NIC port")
-                        }
+                if sw.port(&port).is_none() {
+                    continue;
+                }
+                match port_owner(def, &nic.id, &port, &entries, vm_port_name, |n| {
+                    vm_active(sup, n)
+                }) {
+                    PortOwner::Free => {}
+                    PortOwner::Other(who) => {
+                        tracing::debug!(vm = %def.name, nic = %nic.id, %port, %who, "port name shared, port kept");
+                        continue;
+                    }
+                    PortOwner::Unknown(why) => {
+                        tracing::warn!(vm = %def.name, nic = %nic.id, %port, %why, "cannot tell whose port this is, port kept");
+                        continue;
+                    }
+                }
+                match sw.remove_port(&port) {
+                    Ok(_) => {
+                        tracing::info!(vm = %def.name, nic = %nic.id, %port, "VM NIC port removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %def.name, %port, error = %e, "cannot remove a VM NIC port")
                     }
                 }
             }
@@ -755,12 +919,24 @@ impl Handover {
                             ))
                         }
                     }
-                    if let Some(other) = self.sharing(def, source, d.read_only) {
-                        return Err(format!(
-                            "disk {}: LUN {source:?} is in use by VM {other:?}, which is \
-                             running; two VMs may share a LUN only if both disks are read_only",
-                            d.id
-                        ));
+                    match self.sharing(def, source, d.read_only) {
+                        Ok(others) if others.is_empty() => {}
+                        Ok(others) => {
+                            return Err(format!(
+                                "disk {}: LUN {source:?} is in use by VM {:?}, which is \
+                                 running; two VMs may share a LUN only if both disks are \
+                                 read_only",
+                                d.id, others[0]
+                            ))
+                        }
+                        Err(why) => {
+                            return Err(format!(
+                                "disk {}: cannot check that no other running VM writes LUN \
+                                 {source:?}, so the VM is not started (two writers would \
+                                 corrupt the LUN): {why}",
+                                d.id
+                            ))
+                        }
                     }
                     let (dev, _) = storage
                         .lun_dev(lun)
@@ -782,8 +958,34 @@ impl Handover {
             let name = spec.name.clone();
             let nic_err = |e: &dyn std::fmt::Display| format!("NIC {}: {e}", nic.id);
             if sw.port(&name).is_some() {
-                // Left from the last run (its TAP went away with that VMM).
-                sw.remove_port(&name).map_err(|e| nic_err(&e))?;
+                // Left from this NIC's last run (its TAP went away with that VMM), unless
+                // another VM/NIC has the same name: then it is that one's, and stays.
+                let sup = self
+                    .supervisor
+                    .get()
+                    .and_then(Weak::upgrade)
+                    .ok_or_else(|| nic_err(&"the VM supervisor is gone"))?;
+                let owner = match sup.store().list() {
+                    Ok(list) => port_owner(def, &nic.id, &name, &list, vm_port_name, |n| {
+                        vm_active(&sup, n)
+                    }),
+                    Err(e) => PortOwner::Unknown(format!("cannot list the VMs: {e}")),
+                };
+                match owner {
+                    PortOwner::Free => sw.remove_port(&name).map_err(|e| nic_err(&e))?,
+                    PortOwner::Other(who) => {
+                        return Err(nic_err(&format!(
+                            "switch port {name} is also the port of {who} (port names \
+                             are a hash of VM and NIC); rename this VM or NIC"
+                        )))
+                    }
+                    PortOwner::Unknown(why) => {
+                        return Err(nic_err(&format!(
+                            "switch port {name} exists and cannot be told to be a leftover \
+                             of this NIC, so it is left alone: {why}"
+                        )))
+                    }
+                };
             }
             let tap = basalt_compute::vmm::virtio::net::Tap::open(&name)
                 .map_err(|e| nic_err(&format!("cannot open TAP {name}: {e}")))?;
@@ -807,5 +1009,212 @@ impl Resolver for Handover {
         // The supervisor asks synchronously, from a task of the daemon's multi-threaded
         // runtime; exporting and switch calls wait, so they leave the worker to others.
         tokio::task::block_in_place(|| self.resolve_inner(def, dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM definition with `disks` (`(id, POOL/LUN, read_only)`) and NICs `nics`.
+    fn def(name: &str, disks: &[(&str, &str, bool)], nics: &[&str]) -> VmDefinition {
+        let disks: Vec<_> = disks
+            .iter()
+            .map(|(id, lun, ro)| serde_json::json!({"id": id, "source": {"lun": lun}, "read_only": ro}))
+            .collect();
+        let nics: Vec<_> = nics
+            .iter()
+            .map(|id| serde_json::json!({"id": id, "port_group": "pg"}))
+            .collect();
+        let json = serde_json::json!({
+            "name": name, "vcpus": 1, "memory_mib": 64, "runner": "builtin",
+            "boot": {"kind": "kernel", "kernel": "/k", "cmdline": "console=ttyS0"},
+            "disks": disks, "nics": nics,
+        });
+        VmDefinition::from_json(&json.to_string()).unwrap()
+    }
+
+    fn entry(name: &str, definition: Result<VmDefinition, String>) -> VmEntry {
+        VmEntry {
+            name: name.into(),
+            dir: PathBuf::from("/nonexistent").join(name),
+            definition,
+            status: VmStatus::default(),
+        }
+    }
+
+    /// The state of VMs: `Ok(true)` for those in `on`, an error for those in `unknown`.
+    fn states<'a>(
+        on: &'a [&str],
+        unknown: &'a [&str],
+    ) -> impl Fn(&str) -> Result<bool, String> + 'a {
+        move |n| {
+            if unknown.contains(&n) {
+                Err("status.json: I/O error".into())
+            } else {
+                Ok(on.contains(&n))
+            }
+        }
+    }
+
+    fn lun_users(
+        entries: Vec<VmEntry>,
+        me: &str,
+        on: &[&str],
+        unknown: &[&str],
+    ) -> Result<Vec<String>, String> {
+        active_users(
+            entries,
+            Some(me),
+            |d| {
+                d.disks
+                    .iter()
+                    .any(|x| matches!(&x.source, DiskSource::Lun(l) if l == "p0/root"))
+            },
+            states(on, unknown),
+        )
+    }
+
+    #[test]
+    fn a_lun_writer_check_names_running_users_only() {
+        let entries = || {
+            vec![
+                entry("me", Ok(def("me", &[("d", "p0/root", false)], &[]))),
+                entry("a", Ok(def("a", &[("d", "p0/root", false)], &[]))),
+                entry("b", Ok(def("b", &[("d", "p0/other", false)], &[]))),
+            ]
+        };
+        assert_eq!(
+            lun_users(entries(), "me", &["a", "b", "me"], &[]),
+            Ok(vec!["a".to_string()])
+        );
+        assert_eq!(lun_users(entries(), "me", &["b", "me"], &[]), Ok(vec![]));
+        // The state of a VM that does not name the LUN does not matter.
+        assert_eq!(lun_users(entries(), "me", &[], &["b"]), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_lun_writer_check_fails_closed() {
+        // A user whose state cannot be read may be running: refused, naming why.
+        let entries = vec![entry("a", Ok(def("a", &[("d", "p0/root", false)], &[])))];
+        let e = lun_users(entries, "me", &[], &["a"]).unwrap_err();
+        assert!(e.contains("cannot tell whether VM \"a\" is running"), "{e}");
+        assert!(e.contains("I/O error"), "{e}");
+
+        // A running VM whose definition does not parse may use the LUN: refused.
+        let entries = || vec![entry("a", Err("vm.json: expected value".into()))];
+        let e = lun_users(entries(), "me", &["a"], &[]).unwrap_err();
+        assert!(
+            e.contains("VM \"a\" is running but its definition cannot be read"),
+            "{e}"
+        );
+        assert!(e.contains("vm.json: expected value"), "{e}");
+        // ... and so is one whose state cannot be read either.
+        let e = lun_users(entries(), "me", &[], &["a"]).unwrap_err();
+        assert!(e.contains("unreadable definition"), "{e}");
+        // A stopped one cannot write: it cannot start before its definition reads again.
+        assert_eq!(lun_users(entries(), "me", &[], &[]), Ok(vec![]));
+    }
+
+    #[test]
+    fn read_only_disks_may_share_a_lun() {
+        let other = def("a", &[("d", "p0/root", true)], &[]);
+        assert!(!writes_with(&other, "p0/root", true));
+        assert!(writes_with(&other, "p0/root", false));
+        assert!(!writes_with(&other, "p0/other", false));
+        let other = def("a", &[("d", "p0/root", false)], &[]);
+        assert!(writes_with(&other, "p0/root", true));
+    }
+
+    /// Every VM/NIC pair gets the same port name: a collision, forced.
+    fn colliding(_: &str, _: &str) -> String {
+        "bvm-00000000".into()
+    }
+
+    #[test]
+    fn a_port_whose_name_another_running_vm_shares_is_not_taken() {
+        let me = def("me", &[], &["eth0"]);
+        let entries = || {
+            vec![
+                entry("me", Ok(me.clone())),
+                entry("other", Ok(def("other", &[], &["eth1"]))),
+            ]
+        };
+        let owner = |on: &[&str], unknown: &[&str]| {
+            port_owner(
+                &me,
+                "eth0",
+                "bvm-00000000",
+                &entries(),
+                colliding,
+                states(on, unknown),
+            )
+        };
+        assert_eq!(
+            owner(&["me", "other"], &[]),
+            PortOwner::Other("NIC \"eth1\" of VM \"other\", which is running".into())
+        );
+        assert!(
+            matches!(owner(&["me"], &["other"]), PortOwner::Unknown(w) if w.contains("I/O error"))
+        );
+        // The other VM is stopped: its TAP went with its VMM, the port is a leftover.
+        assert_eq!(owner(&["me"], &[]), PortOwner::Free);
+
+        // With the real names these two do not collide.
+        let port = vm_port_name("me", "eth0");
+        assert_eq!(
+            port_owner(
+                &me,
+                "eth0",
+                &port,
+                &entries(),
+                vm_port_name,
+                states(&["me", "other"], &[])
+            ),
+            PortOwner::Free
+        );
+    }
+
+    #[test]
+    fn a_port_name_shared_within_one_vm_or_with_an_unreadable_vm_is_not_taken() {
+        let me = def("me", &[], &["eth0", "eth1"]);
+        assert_eq!(
+            port_owner(
+                &me,
+                "eth0",
+                "bvm-00000000",
+                &[],
+                colliding,
+                states(&[], &[])
+            ),
+            PortOwner::Other("NIC \"eth1\" of the same VM".into())
+        );
+        let me = def("me", &[], &["eth0"]);
+        let entries = vec![entry("broken", Err("vm.json: expected value".into()))];
+        assert!(matches!(
+            port_owner(&me, "eth0", "bvm-00000000", &entries, colliding, states(&["broken"], &[])),
+            PortOwner::Unknown(w) if w.contains("cannot be read")
+        ));
+        assert_eq!(
+            port_owner(
+                &me,
+                "eth0",
+                "bvm-00000000",
+                &entries,
+                colliding,
+                states(&[], &[])
+            ),
+            PortOwner::Free
+        );
+    }
+
+    #[test]
+    fn port_names_fit_an_interface_name() {
+        let n = vm_port_name(
+            "a-rather-long-vm-name-of-sixty-four-characters-or-so",
+            "eth0",
+        );
+        assert!(n.len() <= 15, "{n}");
+        assert!(n.starts_with(VM_PORT_PREFIX));
     }
 }
