@@ -175,22 +175,43 @@ impl Vms {
     /// be deleted or renamed under them). Synchronous (a scan of the VM folders), so that
     /// it can be asked with the appliance's mutation lock held, which VM starts take
     /// around their LUN lookup too.
+    ///
+    /// Fails closed like [`Vms::active_on_pool`]: a VM whose definition cannot be read
+    /// may use the LUN, so unless it is known to be stopped (it cannot start again
+    /// before its definition parses, and that start looks the LUN up) it is an error.
     pub fn using_lun(&self, pool: &str, lun: &str) -> Result<Vec<String>, ApiError> {
         let wanted = format!("{pool}/{lun}");
-        Ok(self
-            .supervisor
-            .store()
-            .list()?
-            .into_iter()
-            .filter(|e| {
-                e.definition.as_ref().is_ok_and(|d| {
-                    d.disks
+        let mut users = Vec::new();
+        for e in self.supervisor.store().list()? {
+            match &e.definition {
+                Ok(d) => {
+                    if d.disks
                         .iter()
                         .any(|disk| matches!(&disk.source, DiskSource::Lun(l) if *l == wanted))
-                })
-            })
-            .map(|e| e.name)
-            .collect())
+                    {
+                        users.push(e.name);
+                    }
+                }
+                Err(bad) => match vm_active(&self.supervisor, &e.name) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        return Err(ApiError::Conflict(format!(
+                            "cannot check that no VM uses LUN {wanted:?}: VM {:?} is running \
+                             but its definition cannot be read ({bad})",
+                            e.name
+                        )))
+                    }
+                    Err(why) => {
+                        return Err(ApiError::Conflict(format!(
+                            "cannot check that no VM uses LUN {wanted:?}: VM {:?} has an \
+                             unreadable definition ({bad}) and state ({why})",
+                            e.name
+                        )))
+                    }
+                },
+            }
+        }
+        Ok(users)
     }
 
     /// The active (starting, running, ...) VMs with a disk on a LUN of pool `pool`: the
