@@ -6,6 +6,7 @@ use crate::csum::{block_crc, Csums};
 use crate::journal::{RecordHeader, Rings, FLAG_ZERO};
 use crate::layout::{Layout, Level, StripeMap};
 use crate::parity::{two_data_coefficients, Kernel};
+use crate::repair::Hold;
 use crate::status::ArrayMetrics;
 use crate::superblock::{
     MetaLayout, RoleEntry, RoleState, ScrubKind, Superblock, Uuid, BLOCK, FLAG_CHECKSUMS,
@@ -186,6 +187,10 @@ pub(crate) struct State {
     pub slots: Vec<Slot>,
     pub spares: Vec<Arc<Member>>,
     pub failed: Option<String>,
+    /// Why the last rebuild stopped short (rows it could not rebuild); no rebuild
+    /// starts again until a device is added (md's `recovery_disabled`). Not persisted:
+    /// an assembly tries again.
+    pub rebuild_stopped: Option<String>,
     pub stopped: bool,
     pub clean: bool,
     pub resync_offset: u64,
@@ -851,7 +856,7 @@ impl Inner {
             let mut roles: Vec<usize> = written.iter().map(|&c| map.columns[c][0]).collect();
             roles.extend(map.p);
             roles.extend(map.q);
-            let old = self.read_rows(s, map, view, &roles, lo, len, false).await?;
+            let old = self.read_rows(s, map, view, &roles, lo, len, None).await?;
             let w = written.len();
             p.as_mut_slice().copy_from_slice(&old[w]);
             if np == 2 {
@@ -871,7 +876,7 @@ impl Inner {
             self.metrics.rcw_writes.fetch_add(1, Relaxed);
             let unwritten: Vec<usize> = (0..k).filter(|c| new[*c].is_none()).collect();
             let roles: Vec<usize> = unwritten.iter().map(|&c| map.columns[c][0]).collect();
-            let old = self.read_rows(s, map, view, &roles, lo, len, false).await?;
+            let old = self.read_rows(s, map, view, &roles, lo, len, None).await?;
             let mut it = old.iter();
             let data: Vec<&[u8]> = (0..k)
                 .map(|c| match &new[c] {
@@ -885,7 +890,7 @@ impl Inner {
             self.metrics.degraded_writes.fetch_add(1, Relaxed);
             let positions: Vec<usize> = (0..k + np).filter(|&i| alive(i)).collect();
             let roles: Vec<usize> = positions.iter().map(|&i| Self::role_at(map, i)).collect();
-            let old = self.read_rows(s, map, view, &roles, lo, len, false).await?;
+            let old = self.read_rows(s, map, view, &roles, lo, len, None).await?;
             let mut bufs: Vec<Option<Vec<u8>>> = vec![None; k + np];
             for (&i, b) in positions.iter().zip(&old) {
                 bufs[i] = Some(b.to_vec());
@@ -1128,6 +1133,7 @@ impl Inner {
 
     /// Rebuilds the given data columns of rows `[lo, lo + len)` of stripe `s` from the
     /// other members.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn reconstruct(
         &self,
         s: u64,
@@ -1136,6 +1142,7 @@ impl Inner {
         lo: u64,
         len: usize,
         want: &[usize],
+        hold: Option<&Hold>,
     ) -> std::result::Result<Vec<Bytes>, Step> {
         let k = map.columns.len();
         let np = self.layout.level.parity_count();
@@ -1149,7 +1156,7 @@ impl Inner {
             positions.push(k + 1);
         }
         let roles: Vec<usize> = positions.iter().map(|&i| Self::role_at(map, i)).collect();
-        let got = self.read_rows(s, map, view, &roles, lo, len, false).await?;
+        let got = self.read_rows(s, map, view, &roles, lo, len, hold).await?;
         let mut bufs: Vec<Option<Vec<u8>>> = vec![None; k + np];
         for (&i, b) in positions.iter().zip(&got) {
             bufs[i] = Some(b.to_vec());
@@ -1166,7 +1173,7 @@ impl Inner {
             .collect())
     }
 
-    async fn read_piece(&self, p: crate::layout::Piece) -> Result<Bytes> {
+    async fn read_piece(&self, p: crate::layout::Piece, hold: Option<&Hold>) -> Result<Bytes> {
         let map = self.layout.stripe_map(p.stripe);
         loop {
             self.check_usable()?;
@@ -1186,7 +1193,7 @@ impl Inner {
                         &[role],
                         p.chunk_offset,
                         p.len as usize,
-                        false,
+                        hold,
                     )
                     .await
                 {
@@ -1209,6 +1216,7 @@ impl Inner {
                     p.chunk_offset,
                     p.len as usize,
                     &[p.column],
+                    hold,
                 )
                 .await
             {
@@ -1219,14 +1227,20 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn read_locked(&self, offset: u64, len: usize) -> Result<Bytes> {
+    /// Reads under the stripe lock; `hold` as for [`Inner::read_rows`].
+    pub(crate) async fn read_locked(
+        &self,
+        offset: u64,
+        len: usize,
+        hold: Option<&Hold>,
+    ) -> Result<Bytes> {
         self.metrics.reads.fetch_add(1, Relaxed);
         self.metrics.read_bytes.fetch_add(len as u64, Relaxed);
         let pieces = self.layout.pieces(offset, len as u64);
         if let [p] = pieces[..] {
-            return self.read_piece(p).await;
+            return self.read_piece(p, hold).await;
         }
-        let parts = join_all(pieces.iter().map(|p| self.read_piece(*p))).await;
+        let parts = join_all(pieces.iter().map(|p| self.read_piece(*p, hold))).await;
         let mut buf = AlignedBuf::zeroed(len);
         for (p, r) in pieces.iter().zip(parts) {
             let b = r?;
@@ -1259,8 +1273,12 @@ impl BlockDev for Array {
             return Ok(Bytes::new());
         }
         let (first, n) = i.stripes_of(offset, len as u64);
-        let _g = i.locks.shared(first, n).await;
-        i.read_locked(offset, len).await
+        // Shared with a correction the read may start (a bad sector rewritten from
+        // redundancy), which runs as its own task and keeps the stripes locked until its
+        // rewrite is done even if this future is dropped: a write let in earlier could be
+        // overwritten by the older rebuilt rows.
+        let hold: Hold = Arc::new(i.locks.shared_owned(first, n).await);
+        i.read_locked(offset, len, Some(&hold)).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
@@ -1341,7 +1359,7 @@ impl BlockDev for Array {
             let _gate = inner.write_gate.read().await;
             let (first, n) = inner.stripes_of(offset, data.len() as u64);
             let _g = inner.locks.exclusive(first, n).await;
-            let current = inner.read_locked(offset, compare.len()).await?;
+            let current = inner.read_locked(offset, compare.len(), None).await?;
             if let Some(at) = first_difference(&current, &compare) {
                 return Ok(CompareOutcome::Miscompare { offset: at });
             }
@@ -1517,6 +1535,8 @@ impl Array {
                 return Err(RaidError::Busy("too many spares".into()));
             }
             st.spares.push(m);
+            // A new device: a stopped rebuild may try again (md).
+            st.rebuild_stopped = None;
             st.gen += 1;
         }
         i.persist().await?;

@@ -9,6 +9,14 @@
 //! rebuild first flushes the rebuilt member, so a recorded position is always durable):
 //! after a restart the job resumes there. A higher-priority job (a rebuild after a
 //! failure during a scrub) pre-empts a lower one at the next window.
+//!
+//! A rebuild that meets rows it can neither read nor rebuild (a bad sector on the only
+//! member that could supply them) stops at that stripe, as md does when it has no
+//! bad-block log to record them in: the member keeps its role, the array runs degraded,
+//! the target stays out of sync, and no rebuild starts until a device is added. md with a
+//! bad-block log instead records the rows as bad on the target and goes on; Basalt keeps
+//! no such log, and going on without one would mark the target in sync over rows that
+//! hold nothing right.
 
 use crate::array::{now_unix, Inner, Member, Step};
 use crate::csum::block_crc;
@@ -298,10 +306,11 @@ impl Inner {
         if st.failed.is_some() || st.stopped {
             return None;
         }
-        if st
-            .slots
-            .iter()
-            .any(|s| s.state == RoleState::Rebuilding && s.member.is_some())
+        if st.rebuild_stopped.is_none()
+            && st
+                .slots
+                .iter()
+                .any(|s| s.state == RoleState::Rebuilding && s.member.is_some())
         {
             return Some(JobKind::Rebuild);
         }
@@ -334,7 +343,7 @@ impl Inner {
     pub(crate) async fn takeover_spares(&self) {
         loop {
             let pick = {
-                let mut st = self.state();
+                let st = self.state();
                 if st.failed.is_some() || st.stopped || st.spares.is_empty() {
                     return;
                 }
@@ -345,9 +354,9 @@ impl Inner {
                 else {
                     return;
                 };
-                let spare = st.spares.remove(0);
-                st.gen += 1;
-                (role, spare)
+                // It stays listed until `take_role` moves it into the role, so that
+                // `job_due` (and `wait_idle`) sees the takeover coming meanwhile.
+                (role, st.spares[0].clone())
             };
             tracing::info!(array = %self.name, role = pick.0, device = %pick.1.label, "spare takes over");
             if self.take_role(pick.0, pick.1).await.is_err() {
@@ -370,6 +379,8 @@ impl Inner {
             slot.member = Some(m);
             slot.state = RoleState::Rebuilding;
             slot.recovery = 0;
+            // A new device: a stopped rebuild may try again (md).
+            st.rebuild_stopped = None;
             st.gen += 1;
         }
         self.persist().await?;
@@ -530,25 +541,32 @@ impl Inner {
                 .map(|t| t.2)
                 .filter(|&r| r > a)
                 .fold((a + w).min(stripes), u64::min);
-            {
+            let stop = {
                 let _g = self.locks.exclusive(a, b - a).await;
-                if let Err(e) = self.rebuild_window(a, b, &targets).await {
-                    return (JobState::Failed, Some(e.to_string()));
-                }
+                let stop = match self.rebuild_window(a, b, &targets).await {
+                    Ok(stop) => stop,
+                    Err(e) => return (JobState::Failed, Some(e.to_string())),
+                };
+                let end = stop.as_ref().map_or(b, |x| x.0);
                 let mut st = self.state();
                 for (r, m, _) in &targets {
                     let slot = &mut st.slots[*r];
                     if slot.member.as_ref().is_some_and(|x| Arc::ptr_eq(x, m))
                         && slot.state == RoleState::Rebuilding
                     {
-                        slot.recovery = slot.recovery.max(b);
+                        slot.recovery = slot.recovery.max(end);
                     }
                 }
                 st.gen += 1;
+                stop
+            };
+            let end = stop.as_ref().map_or(b, |x| x.0);
+            done_bytes += (end - a) * sb;
+            self.metrics.sync_bytes.fetch_add((end - a) * sb, Relaxed);
+            self.jobs.progress(end * sb, None);
+            if let Some((s, e)) = stop {
+                return self.rebuild_stopped(&targets, s, &e).await;
             }
-            done_bytes += (b - a) * sb;
-            self.metrics.sync_bytes.fetch_add((b - a) * sb, Relaxed);
-            self.jobs.progress(b * sb, None);
             if last_save.elapsed() > Duration::from_secs(1) {
                 self.save_rebuild(&targets).await;
                 last_save = Instant::now();
@@ -557,17 +575,50 @@ impl Inner {
         }
     }
 
+    /// Stops the rebuild at stripe `s`, whose rows are unreadable on a member and cannot
+    /// be rebuilt from the others (`e`). Linux md, when it cannot record the rows in a
+    /// bad-block log (Basalt keeps none), does the same: it does not fail the member
+    /// (that would fail the array over one sector), interrupts the recovery and starts it
+    /// again only when a device is added (`recovery_disabled`). Skipping the rows and
+    /// going on, as md does when it can log them as bad, would leave the target in sync
+    /// with rows that hold nothing right and nothing to say so. The targets keep their
+    /// position (rebuilt up to `s`) and stay out of sync; the array runs degraded and a
+    /// read of the rows fails with a medium error.
+    async fn rebuild_stopped(
+        &self,
+        targets: &[(usize, Arc<Member>, u64)],
+        s: u64,
+        e: &basalt_blockdev::BlockError,
+    ) -> (JobState, Option<String>) {
+        self.save_rebuild(targets).await;
+        let sb = self.layout.stripe_bytes();
+        let roles: Vec<String> = targets.iter().map(|t| t.0.to_string()).collect();
+        let msg = format!(
+            "rebuild of role {} stopped at stripe {s} (array bytes {}..{}): its rows can be \
+             neither read nor rebuilt ({e}); the array stays degraded, the rebuilt member \
+             stays out of sync, reads of those rows fail; rewrite them or replace the \
+             member, then add a device to retry",
+            roles.join(", "),
+            s * sb,
+            (s + 1) * sb,
+        );
+        tracing::error!(array = %self.name, stripe = s, "{msg}");
+        self.state().rebuild_stopped = Some(msg.clone());
+        (JobState::Failed, Some(msg))
+    }
+
     /// Rebuilds stripes `[a, b)` on every target whose position is at or below `a`,
     /// with one request per member for the whole window (the window's chunks are
-    /// contiguous on every member), so a rebuild streams like a sequential copy.
+    /// contiguous on every member), so a rebuild streams like a sequential copy. If the
+    /// rows of a stripe can be neither read nor rebuilt, only the stripes before it are
+    /// rebuilt, and that stripe and the error are returned.
     async fn rebuild_window(
         &self,
         a: u64,
         b: u64,
         targets: &[(usize, Arc<Member>, u64)],
-    ) -> Result<(), basalt_blockdev::BlockError> {
+    ) -> Result<Option<(u64, basalt_blockdev::BlockError)>, basalt_blockdev::BlockError> {
         let chunk = self.layout.chunk as usize;
-        let len = (b - a) as usize * chunk;
         let off = self.data_off(a, 0);
         let np = self.layout.level.parity_count();
         for _ in 0..=self.layout.members {
@@ -576,6 +627,7 @@ impl Inner {
             let tgts: Vec<&(usize, Arc<Member>, u64)> =
                 targets.iter().filter(|t| t.2 <= a).collect();
             let mut outs: Vec<(usize, bytes::Bytes)> = Vec::new();
+            let stop;
             if np == 0 {
                 // Mirrors: every stripe maps columns to the same roles; copy from a
                 // live copy of the target's column.
@@ -592,10 +644,11 @@ impl Inner {
                 }
                 let roles: Vec<usize> = srcs.iter().map(|x| x.1).collect();
                 match self.read_window(a, b, &view, &roles).await {
-                    Ok(got) => {
+                    Ok((got, st)) => {
                         for ((role, _), d) in srcs.iter().zip(got) {
                             outs.push((*role, d));
                         }
+                        stop = st;
                     }
                     Err(Step::Retry) => continue,
                     Err(Step::Fatal(e)) => return Err(e),
@@ -605,14 +658,19 @@ impl Inner {
                     .filter(|&r| view[r].is_some())
                     .collect();
                 let got = match self.read_window(a, b, &view, &roles).await {
-                    Ok(g) => g,
+                    Ok((g, st)) => {
+                        stop = st;
+                        g
+                    }
                     Err(Step::Retry) => continue,
                     Err(Step::Fatal(e)) => return Err(e),
                 };
+                let end = stop.as_ref().map_or(b, |x| x.0);
+                let len = (end - a) as usize * chunk;
                 let mut bufs_out: Vec<basalt_blockdev::AlignedBuf> = (0..tgts.len())
                     .map(|_| basalt_blockdev::AlignedBuf::zeroed(len))
                     .collect();
-                for i in 0..(b - a) as usize {
+                for i in 0..(end - a) as usize {
                     let map = self.layout.stripe_map(a + i as u64);
                     let k = map.columns.len();
                     let at = i * chunk;
@@ -640,6 +698,8 @@ impl Inner {
                     outs.push((*role, d.freeze()));
                 }
             }
+            // Nothing rebuilt when the first stripe of the window is the bad one.
+            outs.retain(|(_, d)| !d.is_empty());
             let writes = join_all(outs.iter().map(|(role, data)| {
                 let m = tgts.iter().find(|t| t.0 == *role).map(|t| t.1.clone());
                 let data = data.clone();
@@ -665,7 +725,7 @@ impl Inner {
                     Ok(()) => {}
                 }
             }
-            return Ok(());
+            return Ok(stop);
         }
         Err(self.unavailable())
     }
@@ -781,10 +841,7 @@ impl Inner {
                 return Ok(rep);
             }
             // A medium error is corrected here as on any read (check mode too, as md).
-            match self
-                .read_rows(s, &map, &view, &roles, 0, chunk, false)
-                .await
-            {
+            match self.read_rows(s, &map, &view, &roles, 0, chunk, None).await {
                 Ok(g) => break (view, g),
                 Err(Step::Retry) => continue,
                 Err(Step::Fatal(e @ basalt_blockdev::BlockError::Io { .. })) => {

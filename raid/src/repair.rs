@@ -9,11 +9,17 @@
 //! other error does. When the stripe has no redundancy left for the rows (RAID0, a
 //! degraded array) the read fails with a [`BlockError::Io`] naming the member, and the
 //! member stays: one bad sector must not take the whole member, and with it possibly
-//! the whole array, away.
+//! the whole array, away. A rebuild that meets such rows stops there rather than fail the
+//! member (`jobs`, `rebuild_stopped`).
 //!
 //! Every caller holds the stripe's lock (shared for a read, exclusive for a write, a
 //! scrub or a rebuild window), so no write to the stripe can land between the
-//! reconstruction and the rewrite: the rewrite never puts back older data. Two reads
+//! reconstruction and the rewrite: the rewrite never puts back older data. A foreground
+//! read's future may be dropped at any await (a killed connection, an aborted task)
+//! while a rewrite it issued is still in flight; its correction therefore runs as a task
+//! of its own holding a share of the read's lock ([`Hold`]) until the rewrite and the
+//! read-back are done, as writes run detached (writes, jobs and compare-and-write
+//! already run in tasks that are never dropped, and correct inline). Two reads
 //! correcting the same rows at once rewrite the same bytes. The rewrite bypasses the
 //! journal: it writes what the member must already hold (the rows agree with the rest of
 //! the stripe and with every journaled transaction since the last checkpoint), so a
@@ -24,7 +30,7 @@ use crate::csum::block_crc;
 use crate::layout::StripeMap;
 use crate::parity::Kernel;
 use crate::superblock::BLOCK;
-use basalt_blockdev::{AlignedBuf, BlockError, WriteFlags};
+use basalt_blockdev::{AlignedBuf, BlockError, OwnedRangeGuard, WriteFlags};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use std::collections::HashMap;
@@ -47,6 +53,10 @@ pub(crate) fn is_medium_error(e: &BlockError) -> bool {
 }
 
 type Bad = Vec<(usize, BlockError)>;
+
+/// A share of a foreground read's stripe lock; the lock is released when the last
+/// share goes.
+pub(crate) type Hold = Arc<OwnedRangeGuard>;
 
 impl Inner {
     /// Applies the decay to a member's read error window.
@@ -105,9 +115,10 @@ impl Inner {
 
     /// Reads rows `[lo, lo + len)` of stripe `s` from `roles` (members of `view`),
     /// correcting medium errors (module docs). `Retry`: a member was failed, take a new
-    /// view. `Fatal` with a [`BlockError::Io`]: the rows of a member cannot be read nor
-    /// rebuilt; with `fail_unrecoverable` (a rebuild, which must not loop on them) such
-    /// members are failed instead and the answer is `Retry`.
+    /// view. `Fatal` with a [`BlockError::Io`]: the rows of a member can be neither read
+    /// nor rebuilt; the member is kept. `hold`: the caller's stripe lock, given by a
+    /// caller whose future may be dropped (a foreground read); a correction then runs as
+    /// its own task that keeps the lock until it ends (module docs).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn read_rows(
         &self,
@@ -117,7 +128,7 @@ impl Inner {
         roles: &[usize],
         lo: u64,
         len: usize,
-        fail_unrecoverable: bool,
+        hold: Option<&Hold>,
     ) -> Result<Vec<Bytes>, Step> {
         let off = self.data_off(s, lo);
         let results = match roles {
@@ -153,30 +164,13 @@ impl Inner {
             return Err(Step::Retry);
         }
         if !bad.is_empty() {
-            match self
-                .rebuild_rows(s, map, view, lo, len, &mut known, &mut bad)
-                .await?
-            {
-                Some(fixed) => {
-                    self.rewrite(view, &bad, &fixed, off).await?;
-                    known.extend(fixed);
+            known = match hold {
+                None => self.correct(s, map, view, lo, len, known, bad).await?,
+                Some(hold) => {
+                    self.correct_detached(hold, s, map, view, lo, len, known, bad)
+                        .await?
                 }
-                None => {
-                    for (r, e) in &bad {
-                        let Some(m) = &view[*r] else { continue };
-                        if fail_unrecoverable {
-                            self.member_failed(*r, m, e).await;
-                        } else {
-                            m.errors.fetch_add(1, Relaxed);
-                            self.metrics.member_errors.fetch_add(1, Relaxed);
-                        }
-                    }
-                    if fail_unrecoverable {
-                        return Err(Step::Retry);
-                    }
-                    return Err(Step::Fatal(self.unrecoverable(view, &bad, off, len)));
-                }
-            }
+            };
         }
         let mut out = Vec::with_capacity(roles.len());
         for r in roles {
@@ -186,6 +180,71 @@ impl Inner {
             }
         }
         Ok(out)
+    }
+
+    /// Rebuilds the rows of the members in `bad` and rewrites them there; returns
+    /// `known` with the rebuilt rows added.
+    #[allow(clippy::too_many_arguments)]
+    async fn correct(
+        &self,
+        s: u64,
+        map: &StripeMap,
+        view: &[Option<Arc<Member>>],
+        lo: u64,
+        len: usize,
+        mut known: HashMap<usize, Bytes>,
+        mut bad: Bad,
+    ) -> Result<HashMap<usize, Bytes>, Step> {
+        let off = self.data_off(s, lo);
+        match self
+            .rebuild_rows(s, map, view, lo, len, &mut known, &mut bad)
+            .await?
+        {
+            Some(fixed) => {
+                self.rewrite(view, &bad, &fixed, off).await?;
+                known.extend(fixed);
+                Ok(known)
+            }
+            None => {
+                for (r, _) in &bad {
+                    if let Some(m) = &view[*r] {
+                        m.errors.fetch_add(1, Relaxed);
+                        self.metrics.member_errors.fetch_add(1, Relaxed);
+                    }
+                }
+                Err(Step::Fatal(self.unrecoverable(view, &bad, off, len)))
+            }
+        }
+    }
+
+    /// [`Inner::correct`] as a task of its own holding `hold`: the rewrite runs to the
+    /// end and the stripe stays locked until then, even if the caller is dropped.
+    #[allow(clippy::too_many_arguments)]
+    async fn correct_detached(
+        &self,
+        hold: &Hold,
+        s: u64,
+        map: &StripeMap,
+        view: &[Option<Arc<Member>>],
+        lo: u64,
+        len: usize,
+        known: HashMap<usize, Bytes>,
+        bad: Bad,
+    ) -> Result<HashMap<usize, Bytes>, Step> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(Step::Fatal(self.unavailable()));
+        };
+        let (hold, map, view) = (hold.clone(), map.clone(), view.to_vec());
+        let task = tokio::spawn(async move {
+            let _hold = hold;
+            me.correct(s, &map, &view, lo, len, known, bad).await
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(Step::Fatal(BlockError::Offline(format!(
+                "array read correction task failed: {e}"
+            )))),
+        }
     }
 
     fn unrecoverable(
@@ -461,15 +520,17 @@ impl Inner {
     }
 
     /// Reads stripes `[a, b)` of `roles` with one request per member; if one hits a
-    /// medium error, goes stripe by stripe with [`Inner::read_rows`] (which fails a
-    /// member whose rows cannot be rebuilt: a rebuild cannot skip them).
+    /// medium error, goes stripe by stripe with [`Inner::read_rows`], which corrects
+    /// what redundancy allows. A stripe whose rows can be neither read nor rebuilt ends
+    /// the window there: the answer then holds the stripes before it, with that stripe
+    /// and the error (the unreadable member is kept; see the rebuild in `jobs`).
     pub(crate) async fn read_window(
         &self,
         a: u64,
         b: u64,
         view: &[Option<Arc<Member>>],
         roles: &[usize],
-    ) -> Result<Vec<Bytes>, Step> {
+    ) -> Result<(Vec<Bytes>, Option<(u64, BlockError)>), Step> {
         let chunk = self.layout.chunk as usize;
         let len = (b - a) as usize * chunk;
         let off = self.data_off(a, 0);
@@ -493,17 +554,30 @@ impl Inner {
             return Err(Step::Retry);
         }
         if !medium {
-            return Ok(out);
+            return Ok((out, None));
         }
         let mut bufs: Vec<AlignedBuf> = roles.iter().map(|_| AlignedBuf::zeroed(len)).collect();
+        let mut stop = None;
         for s in a..b {
             let map = self.layout.stripe_map(s);
-            let got = self.read_rows(s, &map, view, roles, 0, chunk, true).await?;
+            let got = match self.read_rows(s, &map, view, roles, 0, chunk, None).await {
+                Ok(g) => g,
+                Err(Step::Fatal(e @ BlockError::Io { .. })) => {
+                    stop = Some((s, e));
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             let at = (s - a) as usize * chunk;
             for (buf, g) in bufs.iter_mut().zip(got) {
                 buf.as_mut_slice()[at..at + chunk].copy_from_slice(&g);
             }
         }
-        Ok(bufs.into_iter().map(AlignedBuf::freeze).collect())
+        let done = (stop.as_ref().map_or(b, |x| x.0) - a) as usize * chunk;
+        let out = bufs
+            .into_iter()
+            .map(|buf| buf.freeze().slice(..done))
+            .collect();
+        Ok((out, stop))
     }
 }
