@@ -726,6 +726,32 @@ async fn format_guards() {
     ));
 }
 
+/// A device whose reads are slow enough that two formats' checks interleave.
+fn slow_reads() -> SharedBlockDev {
+    let fault = basalt_blockdev::FaultDev::new(Arc::new(MemDev::new(8192, BS)));
+    fault.set_latency(
+        basalt_blockdev::fault::FaultOp::Read,
+        Duration::from_millis(5),
+    );
+    Arc::new(fault)
+}
+
+fn small_format() -> FormatOptions {
+    FormatOptions {
+        max_hosts: 8,
+        max_locks: 32,
+        ..FormatOptions::default()
+    }
+}
+
+/// The header of the one format that succeeded, and the other's error.
+fn one_winner(a: Result<Header, LockError>, b: Result<Header, LockError>) -> (Header, LockError) {
+    match (a, b) {
+        (Ok(h), Err(e)) | (Err(e), Ok(h)) => (h, e),
+        other => panic!("want exactly one winner: {other:?}"),
+    }
+}
+
 /// Two explicit formats of the same range at once (over old data, where
 /// `format_if_blank` would refuse): their reads interleave, yet one claims the range and
 /// writes its lockspace, and the other writes nothing (`FormatInProgress`), so it cannot
@@ -733,14 +759,7 @@ async fn format_guards() {
 /// that died blocks a plain format and is taken over with `force`.
 #[tokio::test(start_paused = true)]
 async fn explicit_formats_at_once_have_one_winner() {
-    let fault = Arc::new(basalt_blockdev::FaultDev::new(Arc::new(MemDev::new(
-        8192, BS,
-    ))));
-    fault.set_latency(
-        basalt_blockdev::fault::FaultOp::Read,
-        Duration::from_millis(5),
-    );
-    let dev: SharedBlockDev = fault.clone();
+    let dev = slow_reads();
     dev.write(
         0,
         Bytes::from(vec![9u8; 4 * BS as usize]),
@@ -748,19 +767,12 @@ async fn explicit_formats_at_once_have_one_winner() {
     )
     .await
     .unwrap();
-    let opts = FormatOptions {
-        max_hosts: 8,
-        max_locks: 32,
-        ..FormatOptions::default()
-    };
+    let opts = small_format();
     let (a, b) = tokio::join!(
         Lockspace::format(&dev, 0, &opts),
         Lockspace::format(&dev, 0, &opts)
     );
-    let (won, lost) = match (a, b) {
-        (Ok(h), Err(e)) | (Err(e), Ok(h)) => (h, e),
-        other => panic!("want exactly one winner: {other:?}"),
-    };
+    let (won, lost) = one_winner(a, b);
     assert!(matches!(lost, LockError::FormatInProgress), "{lost:?}");
     assert_eq!(Lockspace::read_header(&dev, 0).await.unwrap(), won);
     let host = Lockspace::join(dev.clone(), 0, JoinOptions::new([1; 16], "a"))
@@ -799,27 +811,13 @@ async fn explicit_formats_at_once_have_one_winner() {
 /// late `format_if_blank` after the winner joined leaves its slot alone.
 #[tokio::test(start_paused = true)]
 async fn format_if_blank_has_one_winner() {
-    let fault = Arc::new(basalt_blockdev::FaultDev::new(Arc::new(MemDev::new(
-        8192, BS,
-    ))));
-    fault.set_latency(
-        basalt_blockdev::fault::FaultOp::Read,
-        Duration::from_millis(5),
-    );
-    let dev: SharedBlockDev = fault.clone();
-    let opts = FormatOptions {
-        max_hosts: 8,
-        max_locks: 32,
-        ..FormatOptions::default()
-    };
+    let dev = slow_reads();
+    let opts = small_format();
     let (a, b) = tokio::join!(
         Lockspace::format_if_blank(&dev, 0, &opts),
         Lockspace::format_if_blank(&dev, 0, &opts)
     );
-    let (won, lost) = match (a, b) {
-        (Ok(h), Err(e)) | (Err(e), Ok(h)) => (h, e),
-        other => panic!("want exactly one winner: {other:?}"),
-    };
+    let (won, lost) = one_winner(a, b);
     assert!(matches!(lost, LockError::AlreadyFormatted), "{lost:?}");
     assert_eq!(Lockspace::read_header(&dev, 0).await.unwrap(), won);
 

@@ -77,6 +77,21 @@ impl Fixture {
         self.a.status().members[role].clone()
     }
 
+    /// Runs a check-only scrub to its end and returns what it found.
+    async fn scrub(&self) -> basalt_raid::ScrubReport {
+        self.a.start_scrub(false).await.unwrap();
+        self.a.wait_idle().await;
+        self.a.jobs()[0].report.clone().expect("report")
+    }
+
+    fn all_in_sync(&self) -> bool {
+        self.a
+            .status()
+            .members
+            .iter()
+            .all(|m| m.state == RoleState::InSync)
+    }
+
     async fn check_all(&self, what: &str) {
         let got = read_all(&*self.a).await;
         assert_eq!(diff(&got, &self.data), None, "{what}: contents differ");
@@ -122,21 +137,14 @@ async fn bad_range_corrected(level: Level) {
     let expect = &f.data[(at + 4096) as usize..(at + 3 * 4096) as usize];
     assert_eq!(diff(&raw, expect), None, "{level}: member rows");
     f.check_all(&format!("{level}")).await;
-    f.a.start_scrub(false).await.unwrap();
-    f.a.wait_idle().await;
-    let rep = f.a.jobs()[0].report.clone().expect("report");
+    let rep = f.scrub().await;
     assert_eq!(rep.mismatches, 0, "{level}: scrub after correction {rep:?}");
     assert_eq!(
         f.a.metrics().read_errors_corrected_total,
         1,
         "{level}: nothing new"
     );
-    assert!(f
-        .a
-        .status()
-        .members
-        .iter()
-        .all(|m| m.state == RoleState::InSync));
+    assert!(f.all_in_sync());
     f.a.stop().await.unwrap();
 }
 
@@ -186,9 +194,7 @@ async fn raid5_bad_block_under_a_partial_write() {
     assert_eq!(f.member(p).state, RoleState::InSync);
     assert_eq!(f.member(p).read_errors_corrected, 1);
     f.check_all("after the write").await;
-    f.a.start_scrub(false).await.unwrap();
-    f.a.wait_idle().await;
-    let rep = f.a.jobs()[0].report.clone().expect("report");
+    let rep = f.scrub().await;
     assert_eq!(rep.mismatches, 0, "{rep:?}");
     f.a.stop().await.unwrap();
 }
@@ -482,16 +488,9 @@ async fn concurrent_write_during_repair_keeps_the_newer_data() {
             None,
             "{level}: repaired member holds the new data"
         );
-        f.a.start_scrub(false).await.unwrap();
-        f.a.wait_idle().await;
-        let rep = f.a.jobs()[0].report.clone().expect("report");
+        let rep = f.scrub().await;
         assert_eq!(rep.mismatches, 0, "{level}: {rep:?}");
-        assert!(f
-            .a
-            .status()
-            .members
-            .iter()
-            .all(|m| m.state == RoleState::InSync));
+        assert!(f.all_in_sync());
         f.a.stop().await.unwrap();
     }
 }
@@ -515,9 +514,7 @@ async fn scrub_corrects_unreadable_blocks() {
                 ),
             );
         }
-        f.a.start_scrub(false).await.unwrap();
-        f.a.wait_idle().await;
-        let rep = f.a.jobs()[0].report.clone().expect("report");
+        let rep = f.scrub().await;
         assert_eq!(rep.mismatches, 0, "{level}: {rep:?}");
         assert_eq!(rep.uncorrectable, 0, "{level}: {rep:?}");
         for (role, id) in rules.into_iter().enumerate() {
@@ -562,9 +559,7 @@ async fn rebuild_corrects_a_bad_sector_on_a_survivor() {
     assert!(!f.fs[2].remove_rule(id), "rewritten");
     assert_eq!(st.members[2].read_errors_corrected, 1);
     f.check_all("after rebuild").await;
-    f.a.start_scrub(false).await.unwrap();
-    f.a.wait_idle().await;
-    let rep = f.a.jobs()[0].report.clone().expect("report");
+    let rep = f.scrub().await;
     assert_eq!(rep.mismatches, 0, "{rep:?}");
     f.a.stop().await.unwrap();
 }
@@ -829,17 +824,10 @@ async fn dropped_read_keeps_the_stripe_locked_until_its_rewrite_is_done() {
             m.read_errors_corrected, 1,
             "{level}: the correction ran to the end"
         );
-        f.a.start_scrub(false).await.unwrap();
-        f.a.wait_idle().await;
-        let rep = f.a.jobs()[0].report.clone().expect("report");
+        let rep = f.scrub().await;
         assert_eq!(rep.mismatches, 0, "{level}: {rep:?}");
         assert_eq!(rep.uncorrectable, 0, "{level}: {rep:?}");
-        assert!(f
-            .a
-            .status()
-            .members
-            .iter()
-            .all(|m| m.state == RoleState::InSync));
+        assert!(f.all_in_sync());
         f.a.stop().await.unwrap();
     }
 }
@@ -948,9 +936,7 @@ async fn rebuild_stops_at_an_unrebuildable_sector() {
     );
     assert_eq!(f.a.jobs()[0].state, basalt_raid::JobState::Completed);
     f.check_all("after the rebuild").await;
-    f.a.start_scrub(false).await.unwrap();
-    f.a.wait_idle().await;
-    let rep = f.a.jobs()[0].report.clone().expect("report");
+    let rep = f.scrub().await;
     assert_eq!(rep.mismatches, 0, "{rep:?}");
     f.a.stop().await.unwrap();
 }
