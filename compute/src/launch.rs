@@ -409,7 +409,7 @@ fn run_qemu(
     stop_slot: &Arc<Mutex<Option<StopFn>>>,
 ) -> i32 {
     let accel = Accel::detect();
-    let cmd = QemuCommand::build(def, dir, disks, nics, accel);
+    let cmd = QemuCommand::build_with(def, dir, disks, nics, accel, args.nbd_reconnect);
     let mut q = match Qemu::spawn(&cmd, dir) {
         Ok(q) => q,
         Err(e) => return finish(EXIT_SETUP, &format!("QEMU did not start: {e}")),

@@ -108,8 +108,9 @@ fn esc(s: &str) -> String {
 /// QEMU's NBD client options for a disk the daemon serves: spelled out (not a URI) so
 /// that `reconnect-delay` can be given, which lets QEMU ride out a daemon restart as the
 /// built-in runner's client does (requests pause, then resume on the new connection;
-/// past the delay they fail).
-fn nbd_drive_options(addr: &NbdAddress) -> String {
+/// past the delay they fail). `reconnect` is `--nbd-reconnect-secs` (QEMU takes whole
+/// seconds).
+fn nbd_drive_options(addr: &NbdAddress, reconnect: Duration) -> String {
     let server = match addr {
         NbdAddress::Unix { socket, .. } => format!(
             "file.server.type=unix,file.server.path={}",
@@ -126,7 +127,7 @@ fn nbd_drive_options(addr: &NbdAddress) -> String {
     format!(
         "file.driver=nbd,{server},file.export={},file.reconnect-delay={}",
         esc(export),
-        DEFAULT_RECONNECT_WINDOW.as_secs()
+        reconnect.as_secs()
     )
 }
 
@@ -144,13 +145,27 @@ fn feature_name(f: CpuFeature) -> &'static [&'static str] {
 
 impl QemuCommand {
     /// The command for `def` in folder `dir`, with disks and NICs resolved to host-side
-    /// endpoints (one per disk and NIC, in the definition's order).
+    /// endpoints (one per disk and NIC, in the definition's order); NBD disks wait
+    /// [`DEFAULT_RECONNECT_WINDOW`] for a lost connection (see [`QemuCommand::build_with`]).
     pub fn build(
         def: &VmDefinition,
         dir: &Path,
         disks: &[DiskEndpoint],
         nics: &[NicEndpoint],
         accel: Accel,
+    ) -> Self {
+        Self::build_with(def, dir, disks, nics, accel, DEFAULT_RECONNECT_WINDOW)
+    }
+
+    /// [`QemuCommand::build`] with NBD disks waiting `nbd_reconnect` for a lost
+    /// connection (`--nbd-reconnect-secs`) before their requests fail.
+    pub fn build_with(
+        def: &VmDefinition,
+        dir: &Path,
+        disks: &[DiskEndpoint],
+        nics: &[NicEndpoint],
+        accel: Accel,
+        nbd_reconnect: Duration,
     ) -> Self {
         let binary = std::env::var_os("BASALT_QEMU")
             .map(PathBuf::from)
@@ -226,7 +241,7 @@ impl QemuCommand {
         for (i, (disk, ep)) in def.disks.iter().zip(disks).enumerate() {
             let ro = if disk.read_only { ",readonly=on" } else { "" };
             let file = match ep {
-                DiskEndpoint::Nbd(addr) => nbd_drive_options(addr),
+                DiskEndpoint::Nbd(addr) => nbd_drive_options(addr, nbd_reconnect),
                 DiskEndpoint::File(p) => format!("file={}", esc(&p.display().to_string())),
             };
             a.extend([
@@ -575,5 +590,40 @@ mod tests {
         assert!(joined.contains("logfile=/vms/t1/console.log"), "{joined}");
         assert_eq!(cmd.keep_fds, vec![7]);
         assert_eq!(cmd.qmp_socket, Path::new("/vms/t1/qmp.sock"));
+    }
+
+    #[test]
+    fn nbd_disks_get_the_configured_reconnect_delay() {
+        let def = VmDefinition::from_json(
+            r#"{"name":"t2","vcpus":1,"memory_mib":128,
+                "boot":{"kind":"kernel","kernel":"vmlinuz","cmdline":"console=ttyS0"},
+                "disks":[{"id":"root","source":{"lun":"p/l"}}]}"#,
+        )
+        .expect("def");
+        let disks = [DiskEndpoint::Nbd(
+            NbdAddress::parse("nbd://10.0.0.5:10809/l").expect("addr"),
+        )];
+        let cmd = QemuCommand::build_with(
+            &def,
+            Path::new("/vms/t2"),
+            &disks,
+            &[],
+            Accel::Tcg,
+            Duration::from_secs(7),
+        );
+        let joined = cmd
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            joined.contains(
+                "file.server.type=inet,file.server.host=10.0.0.5,file.server.port=10809,\
+                 file.export=l,file.reconnect-delay=7,"
+            ),
+            "{joined}"
+        );
+        assert!(!joined.contains("reconnect-delay=60"), "{joined}");
     }
 }

@@ -12,15 +12,18 @@
 use basalt_blockdev::{
     conformance,
     fault::{ErrorRule, FaultOp},
-    BlockDev, BlockError, FaultDev, MemDev, SharedBlockDev, WriteFlags,
+    BlockDev, BlockError, CompareOutcome, FaultDev, Geometry, MemDev, SharedBlockDev, WriteFlags,
+    ZeroFlags,
 };
 use basalt_compute::nbd::{NbdAddress, NbdDev, NbdOptions};
 use basalt_nbd::{Devices, ExportConfig, NbdConfig, NbdServer};
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn require(tool: &str, package: &str) {
     let ok = Command::new("sh")
@@ -226,13 +229,18 @@ async fn tcp_and_refused_exports() {
 
 /// Basalt's NBD server exporting `dev` as `lun0` on the unix socket `sock`.
 async fn basalt_server(dev: SharedBlockDev, sock: &Path) -> NbdServer {
+    basalt_server_with(dev, sock, ExportConfig::default()).await
+}
+
+/// [`basalt_server`] with the export configured as `export`.
+async fn basalt_server_with(dev: SharedBlockDev, sock: &Path, export: ExportConfig) -> NbdServer {
     let mut devices = Devices::new();
     devices.insert("lun0".to_string(), dev);
     let mut cfg = NbdConfig {
         listen: Vec::new(),
         ..NbdConfig::default()
     };
-    cfg.exports.insert("lun0".into(), ExportConfig::default());
+    cfg.exports.insert("lun0".into(), export);
     let server = NbdServer::start(cfg, devices, None)
         .await
         .expect("Basalt NBD server");
@@ -313,7 +321,12 @@ async fn requests_survive_a_server_restart() {
     fault.recover().await;
     fault.set_latency(FaultOp::Read, Duration::ZERO);
     fault.set_latency(FaultOp::Write, Duration::ZERO);
-    assert!(!dev.is_connected());
+    // The client notices the loss (its reader sees the end of the stream) in its time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dev.is_connected() {
+        assert!(Instant::now() < deadline, "the loss went unnoticed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // Requests issued during the outage wait too.
     for i in 96..128u64 {
         let d = dev.clone();
@@ -661,4 +674,245 @@ async fn a_fua_write_is_not_undone_by_the_replay_of_an_older_one() {
     );
     dev.flush().await.expect("flush");
     assert!(mem.read(3 * 4096, 4096).await.expect("medium") == block(0xb, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_that_came_back_read_only_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let mem: SharedBlockDev = Arc::new(MemDev::new(1024, 4096));
+    let server = basalt_server(mem.clone(), &sock).await;
+    let dev = reconnecting(&sock, Duration::from_secs(1)).await;
+    dev.write(0, block(1, 0), WriteFlags { fua: true })
+        .await
+        .expect("write");
+    kill(server, &sock).await;
+    // The same LUN, same size, but read-only now: the guest's writes would all fail.
+    let _ro = basalt_server_with(
+        mem.clone(),
+        &sock,
+        ExportConfig {
+            read_only: true,
+            ..ExportConfig::default()
+        },
+    )
+    .await;
+    let err = dev.read(0, 4096).await.expect_err("a read-only export");
+    let text = err.to_string();
+    assert!(matches!(err, BlockError::Offline(_)), "{err:?}");
+    assert!(
+        text.contains("came back read-only") && text.contains("refused"),
+        "{text}"
+    );
+    assert_eq!(dev.reconnects(), 0);
+    assert!(!dev.is_connected());
+}
+
+/// A fault-injecting proxy on `listener` in front of the NBD server on `server`: it
+/// passes the handshake through, then (while `cut` is set) drops both sides at the
+/// client's first transmission request, before the server sees it: a server that
+/// completes every handshake and loses every connection. Counts the connections.
+async fn cutting_proxy(
+    listener: tokio::net::UnixListener,
+    server: PathBuf,
+    cut: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+) {
+    const IHAVEOPT_HI: u32 = 0x4948_4156; // "IHAV"
+    while let Ok((client, _)) = listener.accept().await {
+        accepted.fetch_add(1, Ordering::SeqCst);
+        let server = server.clone();
+        let cut = cut.clone();
+        tokio::spawn(async move {
+            let Ok(upstream) = tokio::net::UnixStream::connect(&server).await else {
+                return;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = upstream.into_split();
+            let down = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+            // Client to server: the client flags, then options framed as IHAVEOPT,
+            // option, length, data; the first thing that is not an option is a request.
+            let mut flags = [0u8; 4];
+            if cr.read_exact(&mut flags).await.is_err() || sw.write_all(&flags).await.is_err() {
+                down.abort();
+                return;
+            }
+            loop {
+                let mut magic = [0u8; 4];
+                if cr.read_exact(&mut magic).await.is_err() {
+                    break;
+                }
+                if u32::from_be_bytes(magic) == IHAVEOPT_HI {
+                    let mut rest = [0u8; 12];
+                    if cr.read_exact(&mut rest).await.is_err() {
+                        break;
+                    }
+                    let len = u32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]);
+                    let mut data = vec![0u8; len as usize];
+                    if cr.read_exact(&mut data).await.is_err()
+                        || sw.write_all(&magic).await.is_err()
+                        || sw.write_all(&rest).await.is_err()
+                        || sw.write_all(&data).await.is_err()
+                    {
+                        break;
+                    }
+                } else if cut.load(Ordering::SeqCst) {
+                    break;
+                } else {
+                    // Transmission: pass everything through from here.
+                    if sw.write_all(&magic).await.is_ok() {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    }
+                    break;
+                }
+            }
+            // Dropping both halves of both sockets closes them.
+            down.abort();
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_drops_every_connection_after_the_handshake_fails_requests_in_time() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let real = tmp.path().join("real.sock");
+    let front = tmp.path().join("vm-nbd.sock");
+    let _server = basalt_server(Arc::new(MemDev::new(1024, 4096)), &real).await;
+    let cut = Arc::new(AtomicBool::new(true));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::UnixListener::bind(&front).expect("bind the proxy");
+    let proxy = tokio::spawn(cutting_proxy(
+        listener,
+        real.clone(),
+        cut.clone(),
+        accepted.clone(),
+    ));
+    let dev = reconnecting(&front, Duration::from_secs(1)).await;
+
+    // Every connection is lost at the first request: the read waits out the window
+    // from the first loss, then fails, rather than waiting forever.
+    let t = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), dev.read(0, 4096))
+        .await
+        .expect("the read still waits long past the reconnect window")
+        .expect_err("no connection ever answers");
+    let waited = t.elapsed();
+    let connections = accepted.load(Ordering::SeqCst);
+    let text = err.to_string();
+    assert!(matches!(err, BlockError::Offline(_)), "{err:?}");
+    assert!(text.contains("unreachable for more than 1 s"), "{text}");
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert!(waited < Duration::from_secs(8), "{waited:?}");
+    // The backoff carries over from one lost connection to the next (pauses of 0, 50,
+    // 100, 200, 400, 800 ms: about 7 connections by then); restarting it at every loss
+    // makes hundreds.
+    assert!(
+        (2..=20).contains(&connections),
+        "{connections} connections in {waited:?}"
+    );
+
+    // Once connections are answered again, the device works again.
+    cut.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match dev.read(0, 4096).await {
+            Ok(data) => {
+                assert!(data.iter().all(|&b| b == 0));
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never worked again: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert!(dev.reconnects() >= 1);
+    proxy.abort();
+}
+
+/// A device that counts the flushes it is asked for.
+struct CountingFlushes {
+    inner: Arc<MemDev>,
+    flushes: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl BlockDev for CountingFlushes {
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+    async fn read(&self, offset: u64, len: usize) -> basalt_blockdev::Result<Bytes> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        flags: WriteFlags,
+    ) -> basalt_blockdev::Result<()> {
+        self.inner.write(offset, data, flags).await
+    }
+    async fn flush(&self) -> basalt_blockdev::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.inner.flush().await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> basalt_blockdev::Result<()> {
+        self.inner.discard(offset, len).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> basalt_blockdev::Result<()> {
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        flags: WriteFlags,
+    ) -> basalt_blockdev::Result<CompareOutcome> {
+        self.inner
+            .compare_and_write(offset, compare, data, flags)
+            .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discards_count_toward_the_replay_limit() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("vm-nbd.sock");
+    let lun = Arc::new(CountingFlushes {
+        inner: Arc::new(MemDev::new(1024, 4096)),
+        flushes: AtomicU64::new(0),
+    });
+    let _server = basalt_server(lun.clone(), &sock).await;
+    let uri = format!("nbd+unix:///lun0?socket={}", sock.display());
+    let dev = NbdDev::connect_with(
+        &NbdAddress::parse(&uri).expect("uri"),
+        NbdOptions {
+            reconnect_window: Duration::from_secs(5),
+            replay_limit: 8 * 4096,
+            ..NbdOptions::default()
+        },
+    )
+    .await
+    .expect("connect");
+    // A guest that discards and never flushes: past 8 entries' worth the client must
+    // flush on its own to bound the log, payload or not.
+    for i in 0..64u64 {
+        dev.discard(i * 4096, 4096).await.expect("discard");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lun.flushes.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "64 unflushed discards and no flush: the replay log is unbounded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

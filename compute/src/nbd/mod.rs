@@ -27,7 +27,19 @@
 //!   bounded to 5 s; an attempt redoes the whole handshake and is refused unless the
 //!   export has the block size it had and at least the size
 //!   ([`NbdError::ExportChanged`]). A LUN grown online comes back larger, which is
-//!   fine: the device keeps the geometry the guest saw at the first connection;
+//!   fine: the device keeps the geometry the guest saw at the first connection. It is
+//!   refused too ([`NbdError::ExportFeaturesChanged`]) if it turned read-only, lost a
+//!   command or flag the device sends (`SEND_FUA`, `SEND_TRIM`, `SEND_WRITE_ZEROES`,
+//!   `SEND_FAST_ZERO`), gained or lost `SEND_FLUSH` (whether to flush and keep a
+//!   replay log was decided at the first connection), takes a smaller payload than the
+//!   device's largest request, or prefers a larger block than the guest was given;
+//! - counts a restored connection as ending the outage only once it has *proved
+//!   itself*: after the replay log is written again, the server answers a request on
+//!   it (or it stays up 5 s, for an idle guest). A connection lost before that
+//!   continues the outage: its clock (the reconnect window runs from the first loss)
+//!   and its backoff (the next attempt waits the next pause), so a server that
+//!   completes the handshake and drops the connection neither holds requests forever
+//!   nor makes the client spin;
 //! - on success, first writes again the *replay log*: the writes (and trims,
 //!   write-zeroes; FUA ones too) the old connection acknowledged but no flush has
 //!   covered since, because a server that went down may have lost them with its cache
@@ -43,9 +55,11 @@
 //!   disk does. Flushes go last, once every resent write is acknowledged on the new
 //!   connection, so a flush that succeeds covers everything written before it,
 //!   whichever connection acknowledged it. A flush's success trims the replay log; the
-//!   log holds at most [`NbdOptions::replay_limit`] bytes of payload (past it the
-//!   client flushes on its own), and holds nothing when the server has no volatile
-//!   cache (no `NBD_FLAG_SEND_FLUSH`). If a replay fails, acknowledged data may be
+//!   log holds at most [`NbdOptions::replay_limit`] bytes of payload, each entry
+//!   counting at least 4 KiB so that trims and write-zeroes (no payload) are bounded
+//!   too (past it the client flushes on its own), and holds nothing when the server
+//!   has no volatile cache (no `NBD_FLAG_SEND_FLUSH`). If a replay fails,
+//!   acknowledged data may be
 //!   gone: the next flush of a user to complete, whether issued before or after the
 //!   reconnection, fails with the server's errno (once) and trims nothing, so the log
 //!   keeps the failed write; the client's own flush neither reports nor clears that.
@@ -53,8 +67,8 @@
 //!   connection breaks again during the replay, the replays in flight are dropped
 //!   (the log still holds them) and the next reconnection starts over;
 //! - past [`NbdOptions::reconnect_window`] (default 60 s, [`DEFAULT_RECONNECT_WINDOW`];
-//!   checked after each failed attempt) without a connection, every waiting request
-//!   fails with [`BlockError::Offline`] ("NBD export ... unreachable for more than N s
+//!   checked after each failed attempt and each loss of an unproven connection)
+//!   without a connection that proved itself, every waiting request fails with [`BlockError::Offline`] ("NBD export ... unreachable for more than N s
 //!   (reconnect window): last attempt: ..."), which a guest sees as an I/O error, and
 //!   so does every new request, at once. The device does *not* stay failed: attempts
 //!   go on every 2 s, and once the export is back, requests work again (after the
@@ -63,8 +77,10 @@
 //!   requests, and nobody has to restart the VM to use its disk again.
 //!
 //! The VMM runs confined ([`crate::sandbox`]): reconnecting needs `socket` (of the
-//! families NBD uses) and `connect`, which its seccomp filter allows for this, and a
-//! VMM that dropped privileges (`--user`) must still be allowed by the socket's
+//! families NBD uses) and `connect`, which its seccomp filter allows for this (a TCP
+//! export's host name is resolved once, at the first connection, before the filter: a
+//! reconnection reuses those addresses, as resolving needs files the filter refuses),
+//! and a VMM that dropped privileges (`--user`) must still be allowed by the socket's
 //! permissions.
 
 pub mod wire;
@@ -77,6 +93,7 @@ use basalt_blockdev::{
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -118,6 +135,16 @@ pub enum NbdError {
         was: (u64, u32),
         /// Size and block size now.
         now: (u64, u32),
+    },
+    /// After a reconnection, the export lacks something the device relies on: a
+    /// transmission flag gone (or a volatile cache appeared, which the device would not
+    /// flush), read-only now, or block sizes that no longer fit the geometry it has.
+    #[error("NBD export {export} came back {what}: refused")]
+    ExportFeaturesChanged {
+        /// The export's address.
+        export: String,
+        /// What changed, in words.
+        what: String,
     },
     /// The server refused the export.
     #[error("NBD server refused export {export:?} (reply {code:#x}): {message}")]
@@ -219,12 +246,18 @@ type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 pub const DEFAULT_RECONNECT_WINDOW: Duration = Duration::from_secs(60);
 /// How many bytes of acknowledged but unflushed writes are kept for replay by default.
 pub const DEFAULT_REPLAY_LIMIT: usize = 64 << 20;
+/// The least a replay log entry counts toward [`NbdOptions::replay_limit`] (a block's
+/// worth: the default limit holds at most 16384 entries).
+const LOG_ENTRY_COST: usize = 4096;
 /// The first pause between reconnection attempts; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// The longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long one connection attempt (connect plus handshake) may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a restored connection must stay up after its replay, answering nothing,
+/// to count as proven (an idle guest sends nothing to be answered).
+const PROVEN_AFTER: Duration = Duration::from_secs(5);
 
 /// What an [`NbdDev`] reports about its connection (for a log).
 pub type EventHook = Arc<dyn Fn(&str) + Send + Sync>;
@@ -237,8 +270,8 @@ pub struct NbdOptions {
     /// in the background).
     pub reconnect_window: Duration,
     /// Acknowledged writes not yet covered by a flush are kept (up to this many bytes of
-    /// payload) to be written again after a reconnection; past it, the client flushes
-    /// on its own.
+    /// payload, each entry counting at least 4 KiB, trims and write-zeroes too) to be
+    /// written again after a reconnection; past it, the client flushes on its own.
     pub replay_limit: usize,
     /// Called with a line of text when the connection is lost, restored, or given up.
     pub on_event: Option<EventHook>,
@@ -279,6 +312,13 @@ impl Req {
             self.cmd,
             Command::Write | Command::Trim | Command::WriteZeroes
         )
+    }
+
+    /// What the request counts toward [`NbdOptions::replay_limit`] in the replay log:
+    /// its payload, but at least [`LOG_ENTRY_COST`], since a trim or write-zeroes
+    /// carries none yet still takes memory and a request to replay.
+    fn log_cost(&self) -> usize {
+        self.data.as_ref().map_or(0, Bytes::len).max(LOG_ENTRY_COST)
     }
 
     fn overlaps(&self, other: &Req) -> bool {
@@ -325,11 +365,24 @@ struct State {
     pending: HashMap<u64, Pending>,
     link: Link,
     generation: u64,
+    /// Start of the outage no proven connection has ended yet: a connection lost
+    /// before it proved itself continues it (its clock and its backoff) rather than
+    /// starting a new one, so a server that accepts and drops cannot hold requests
+    /// forever nor make the client spin.
+    outage: Option<Instant>,
+    /// The pause before the next reconnection attempt.
+    backoff: Duration,
+    /// When the current connection finished writing the replay log again (at once for
+    /// the first connection); `None` while replaying or down.
+    settled: Option<Instant>,
+    /// The current connection answered a request after `settled`.
+    proven: bool,
     /// Why the last connection ended or the last attempt failed.
     last_error: String,
     /// Acknowledged writes no flush has covered yet, in acknowledgement order, by
     /// sequence number; replayed after a reconnection.
     log: BTreeMap<u64, Req>,
+    /// What the log counts toward the replay limit ([`Req::log_cost`]).
     log_bytes: usize,
     next_seq: u64,
     /// A replay failed: the next flush of a user to complete fails (and covers
@@ -340,8 +393,12 @@ struct State {
 
 struct Inner {
     addr: NbdAddress,
+    /// A TCP export's addresses, resolved at the first connection ([`resolve`]).
+    resolved: Vec<SocketAddr>,
     info: ExportInfo,
     block_size: u32,
+    /// What the device presents (a reconnection must still fit it).
+    geometry: Geometry,
     opts: NbdOptions,
     state: Mutex<State>,
     /// The current connection's write half, with its generation. Held across a whole
@@ -372,12 +429,40 @@ impl std::fmt::Debug for NbdDev {
 /// NBD errno values (the protocol fixes them to Linux's numbers).
 const ENOSPC: u32 = 28;
 
-/// Connects to `addr` and negotiates the export: the two halves of the stream and what
-/// the server said about the export.
-async fn open(addr: &NbdAddress) -> Result<(Reader, Writer, ExportInfo), NbdError> {
+/// The addresses of a TCP export's host, resolved once at the first connection:
+/// reconnections reuse them, since the sandboxed VMM may not resolve names (that opens
+/// files and sockets its filter refuses). Empty for a unix socket.
+async fn resolve(addr: &NbdAddress) -> Result<Vec<SocketAddr>, NbdError> {
+    let NbdAddress::Tcp { host, port, .. } = addr else {
+        return Ok(Vec::new());
+    };
+    let what = || format!("resolve {host}:{port}");
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), *port))
+        .await
+        .map_err(|source| NbdError::Io {
+            what: what(),
+            source,
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(NbdError::Io {
+            what: what(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+        });
+    }
+    Ok(addrs)
+}
+
+/// Connects to `addr` (over TCP, to `resolved`, what [`resolve`] returned) and
+/// negotiates the export: the two halves of the stream and what the server said about
+/// the export.
+async fn open(
+    addr: &NbdAddress,
+    resolved: &[SocketAddr],
+) -> Result<(Reader, Writer, ExportInfo), NbdError> {
     let (mut reader, mut writer): (Reader, Writer) = match addr {
         NbdAddress::Tcp { host, port, .. } => {
-            let s = tokio::net::TcpStream::connect((host.as_str(), *port))
+            let s = tokio::net::TcpStream::connect(resolved)
                 .await
                 .map_err(|source| NbdError::Io {
                     what: format!("connect to {host}:{port}"),
@@ -459,7 +544,8 @@ impl NbdDev {
     /// this first connection's failure is returned; later losses are ridden out as
     /// `opts` says.
     pub async fn connect_with(addr: &NbdAddress, opts: NbdOptions) -> Result<Self, NbdError> {
-        let (reader, writer, info) = open(addr).await?;
+        let resolved = resolve(addr).await?;
+        let (reader, writer, info) = open(addr, &resolved).await?;
         let block_size = info.min_block.max(512);
         let caps = Capabilities {
             discard: info.flags & wire::TF_SEND_TRIM != 0,
@@ -479,13 +565,19 @@ impl NbdDev {
         };
         let inner = Arc::new(Inner {
             addr: addr.clone(),
+            resolved,
             info,
             block_size,
+            geometry,
             opts,
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 link: Link::Up(1),
                 generation: 1,
+                outage: None,
+                backoff: FIRST_BACKOFF,
+                settled: Some(Instant::now()),
+                proven: true,
                 last_error: String::new(),
                 log: BTreeMap::new(),
                 log_bytes: 0,
@@ -508,7 +600,8 @@ impl NbdDev {
         self.inner.info
     }
 
-    /// How many times the connection was restored.
+    /// How many times the connection was restored (counted once its replay log is
+    /// written again, before any request is resent).
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
@@ -622,13 +715,25 @@ impl Inner {
     /// The connection of generation `generation` broke: requests wait, and a
     /// reconnection starts (once per loss).
     fn lost(self: &Arc<Self>, generation: u64, why: &str) {
-        {
+        let window = self.opts.reconnect_window;
+        let (fresh, since, gave_up) = {
             let mut st = self.state();
             if st.link != Link::Up(generation) {
                 return;
             }
+            let fresh = st.proven || st.settled.is_some_and(|t| t.elapsed() >= PROVEN_AFTER);
+            let since = match st.outage {
+                Some(since) if !fresh => since,
+                _ => Instant::now(),
+            };
+            if fresh {
+                st.backoff = FIRST_BACKOFF;
+            }
+            st.outage = Some(since);
+            st.settled = None;
+            st.proven = false;
             st.link = Link::Down {
-                since: Instant::now(),
+                since,
                 expired: false,
             };
             st.last_error = format!("connection lost: {why}");
@@ -636,18 +741,37 @@ impl Inner {
             // them ends the reconnection that waits for them (its `drain_replays`),
             // which releases the writer for the next one. The log still holds them.
             st.pending.retain(|_, p| !p.replay);
-            if self.opts.reconnect_window.is_zero() {
+            // An unproven connection did not end the outage: its window may be over.
+            let gave_up = !window.is_zero() && since.elapsed() >= window;
+            if window.is_zero() || gave_up {
                 expire(self, &mut st);
             }
-        }
+            (fresh, since, gave_up)
+        };
         self.replied.notify_waiters();
-        self.event(&format!(
-            "NBD connection to {} lost ({why}); reconnecting, requests wait up to {} s",
-            self.addr.to_uri(),
-            self.opts.reconnect_window.as_secs_f64()
-        ));
+        if fresh {
+            self.event(&format!(
+                "NBD connection to {} lost ({why}); reconnecting, requests wait up to {} s",
+                self.addr.to_uri(),
+                window.as_secs_f64()
+            ));
+        } else if gave_up {
+            self.event(&format!(
+                "NBD connection to {} lost again before it answered anything ({why}); not \
+                 back within {} s: requests fail until it is",
+                self.addr.to_uri(),
+                window.as_secs_f64()
+            ));
+        } else {
+            self.event(&format!(
+                "NBD connection to {} lost again before it answered anything ({why}); \
+                 still reconnecting, {:.1} s into the outage",
+                self.addr.to_uri(),
+                since.elapsed().as_secs_f64()
+            ));
+        }
         self.runtime
-            .spawn(reconnect(Arc::downgrade(self), self.opts.reconnect_window));
+            .spawn(reconnect(Arc::downgrade(self), window, !fresh));
     }
 
     /// Takes the reply for `handle` on the connection of `generation`.
@@ -667,12 +791,17 @@ impl Inner {
             let Some(p) = st.pending.remove(&handle) else {
                 return Expect::Unknown;
             };
+            if st.settled.is_some() && !st.proven {
+                // Answered after the replay: this connection ended the outage.
+                st.proven = true;
+                st.outage = None;
+            }
             match result {
                 Ok(data) => {
                     if p.log {
                         let seq = st.next_seq;
                         st.next_seq += 1;
-                        st.log_bytes += p.req.data.as_ref().map_or(0, Bytes::len);
+                        st.log_bytes += p.req.log_cost();
                         st.log.insert(seq, p.req);
                         if st.log_bytes > self.opts.replay_limit && !st.flushing {
                             st.flushing = true;
@@ -693,11 +822,7 @@ impl Inner {
                         }
                         let kept = st.log.split_off(&p.mark);
                         st.log = kept;
-                        st.log_bytes = st
-                            .log
-                            .values()
-                            .map(|r| r.data.as_ref().map_or(0, Bytes::len))
-                            .sum();
+                        st.log_bytes = st.log.values().map(Req::log_cost).sum();
                     }
                     let _ = p.done.send(Ok(data));
                 }
@@ -767,30 +892,93 @@ fn expire(inner: &Inner, st: &mut State) {
     }
 }
 
+/// Whether a reconnection's export `now` is still the disk the device presents.
+fn same_export(inner: &Inner, now: &ExportInfo) -> Result<(), NbdError> {
+    let was = &inner.info;
+    // A LUN grown online comes back larger: fine, the guest keeps the size it saw.
+    // Smaller, or another block size, is not the disk it had.
+    if now.size < was.size || now.min_block.max(512) != inner.block_size {
+        return Err(NbdError::ExportChanged {
+            export: inner.addr.to_uri(),
+            was: (was.size, inner.block_size),
+            now: (now.size, now.min_block.max(512)),
+        });
+    }
+    let mut what = Vec::new();
+    if now.flags & wire::TF_READ_ONLY != 0 && was.flags & wire::TF_READ_ONLY == 0 {
+        what.push("read-only".to_string());
+    }
+    // The device decided at the first connection whether to flush and keep a replay
+    // log: a cache appearing would go unflushed, one vanishing refuses the flushes.
+    if (now.flags ^ was.flags) & wire::TF_SEND_FLUSH != 0 {
+        what.push(if now.flags & wire::TF_SEND_FLUSH != 0 {
+            "with a volatile cache (NBD_FLAG_SEND_FLUSH) it did not have".to_string()
+        } else {
+            "without NBD_FLAG_SEND_FLUSH".to_string()
+        });
+    }
+    // Commands and request flags the device sends because the server offered them.
+    for (flag, name) in [
+        (wire::TF_SEND_FUA, "NBD_FLAG_SEND_FUA"),
+        (wire::TF_SEND_TRIM, "NBD_FLAG_SEND_TRIM"),
+        (wire::TF_SEND_WRITE_ZEROES, "NBD_FLAG_SEND_WRITE_ZEROES"),
+        (wire::TF_SEND_FAST_ZERO, "NBD_FLAG_SEND_FAST_ZERO"),
+    ] {
+        if was.flags & flag != 0 && now.flags & flag == 0 {
+            what.push(format!("without {name}"));
+        }
+    }
+    let largest = inner.geometry.max_io_bytes.max(inner.block_size);
+    if now.max_payload < largest {
+        what.push(format!(
+            "with a maximum payload of {} bytes (requests are up to {largest})",
+            now.max_payload
+        ));
+    }
+    if now.preferred_block > inner.geometry.physical_block_size {
+        what.push(format!(
+            "with a preferred block size of {} bytes (the guest was given {})",
+            now.preferred_block, inner.geometry.physical_block_size
+        ));
+    }
+    if what.is_empty() {
+        Ok(())
+    } else {
+        Err(NbdError::ExportFeaturesChanged {
+            export: inner.addr.to_uri(),
+            what: what.join(", "),
+        })
+    }
+}
+
 /// Restores a lost connection: attempts with backoff; when one succeeds (same block
 /// size, same size or larger), replays the unflushed writes, resends the unanswered
 /// requests (flushes last, once the writes before them are acknowledged), and lets new
 /// requests through. Past `window`, waiting requests fail; the attempts go on.
-async fn reconnect(weak: Weak<Inner>, window: Duration) {
-    let mut backoff = FIRST_BACKOFF;
+/// `pause_first`: the outage goes on (a connection was lost before it proved itself),
+/// so the first attempt waits its turn in the backoff too.
+async fn reconnect(weak: Weak<Inner>, window: Duration, pause_first: bool) {
     let attempt_timeout = ATTEMPT_TIMEOUT.min(window.max(Duration::from_secs(1)));
+    let mut pause = pause_first;
     let (reader, writer) = loop {
+        if pause {
+            // The backoff lives in the state, so that it carries over to the next
+            // reconnection when this one's connection is lost unproven.
+            let backoff = {
+                let Some(inner) = weak.upgrade() else { return };
+                let mut st = inner.state();
+                let b = st.backoff;
+                st.backoff = (b * 2).min(MAX_BACKOFF);
+                b
+            };
+            tokio::time::sleep(backoff).await;
+        }
+        pause = true;
         let Some(inner) = weak.upgrade() else { return };
-        let attempt = tokio::time::timeout(attempt_timeout, open(&inner.addr)).await;
+        let attempt =
+            tokio::time::timeout(attempt_timeout, open(&inner.addr, &inner.resolved)).await;
         let result = match attempt {
-            Ok(Ok((r, w, info))) => {
-                // A LUN grown online comes back larger: fine, the guest keeps the size it
-                // saw. Smaller, or another block size, is not the disk it had.
-                if info.size < inner.info.size || info.min_block.max(512) != inner.block_size {
-                    Err(NbdError::ExportChanged {
-                        export: inner.addr.to_uri(),
-                        was: (inner.info.size, inner.block_size),
-                        now: (info.size, info.min_block.max(512)),
-                    })
-                } else {
-                    Ok((r, w))
-                }
-            }
+            Ok(Ok((r, w, info))) => same_export(&inner, &info).map(|()| (r, w)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(NbdError::Protocol(format!(
                 "no answer within {} s",
@@ -824,8 +1012,6 @@ async fn reconnect(weak: Weak<Inner>, window: Duration) {
             }
         }
         drop(inner);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     };
     let Some(inner) = weak.upgrade() else { return };
     let mut w = inner.writer.lock().await;
@@ -902,6 +1088,17 @@ async fn reconnect(weak: Weak<Inner>, window: Duration) {
     if !drain_replays(&mut in_flight).await {
         return;
     }
+    {
+        let mut st = inner.state();
+        if st.link != Link::Up(generation) {
+            return;
+        }
+        // From here a reply proves the connection (see `State::outage`).
+        st.settled = Some(Instant::now());
+    }
+    // Counted before anything is resent, so that whoever sees a reply on this
+    // connection sees the count too.
+    inner.reconnects.fetch_add(1, Ordering::Relaxed);
 
     // 2. The requests that were unanswered or issued meanwhile, flushes held back.
     let mut writes = Vec::new();
@@ -934,7 +1131,6 @@ async fn reconnect(weak: Weak<Inner>, window: Duration) {
             }
         }
     }
-    inner.reconnects.fetch_add(1, Ordering::Relaxed);
     drop(w);
     inner.event(&format!(
         "NBD connection to {} restored after {:.1} s: {} unflushed writes replayed, {} requests resent",
