@@ -26,6 +26,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// How long [`Array::stop`] waits for I/O in flight (detached writes, read corrections).
+const STOP_DRAIN: Duration = Duration::from_secs(30);
+
 /// A member device offered to [`Array::create`], [`crate::assemble`] or an operation.
 #[derive(Clone)]
 pub struct Device {
@@ -1558,7 +1561,7 @@ impl Array {
         }
         crate::assemble::prepare_device(i, &dev).await?;
         let m = Member::new(&dev, Uuid::random(), &i.meta);
-        i.take_role(role, m).await?;
+        i.take_role(role, m, false).await?;
         Ok(())
     }
 
@@ -1608,6 +1611,16 @@ impl Array {
         };
         i.state().stopped = true;
         i.wake.notify_waiters();
+        // A read's correction runs as a task of its own holding a share of the read's
+        // stripe lock (`repair::Hold`): wait until none is left, so that no rewrite of
+        // this instance lands after the array was stopped (or assembled again). Taken
+        // only now: a write waiting for its stripes holds `write_gate`, which
+        // `mark_clean` needs; from here on new I/O fails. Bounded: a member that never
+        // answers must not hang the stop.
+        let all = i.locks.exclusive(0, i.layout.stripes.max(1));
+        if tokio::time::timeout(STOP_DRAIN, all).await.is_err() {
+            tracing::warn!(array = %i.name, "stopped with member I/O still in flight after {STOP_DRAIN:?}");
+        }
         r.map_err(RaidError::from)
     }
 }

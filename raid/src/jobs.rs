@@ -359,21 +359,38 @@ impl Inner {
                 (role, st.spares[0].clone())
             };
             tracing::info!(array = %self.name, role = pick.0, device = %pick.1.label, "spare takes over");
-            if self.take_role(pick.0, pick.1).await.is_err() {
-                return;
+            match self.take_role(pick.0, pick.1, true).await {
+                // Taken, or the pick went stale meanwhile: pick again.
+                Ok(_) => {}
+                Err(_) => return,
             }
         }
     }
 
     /// Puts `m` into `role` as a rebuilding member. All stripes are locked and the
     /// journal checkpointed first, so that no transaction still to be replayed names
-    /// the role's previous device.
-    pub(crate) async fn take_role(&self, role: usize, m: Arc<Member>) -> Result<(), RaidError> {
+    /// the role's previous device. With `spare`, `m` is a listed spare taking over a
+    /// vacant or faulty role: if, by the time the lock is held, it is no longer listed
+    /// (dropped after a failed superblock write) or the role was filled meanwhile
+    /// (`replace_member`), nothing changes and the answer is false.
+    pub(crate) async fn take_role(
+        &self,
+        role: usize,
+        m: Arc<Member>,
+        spare: bool,
+    ) -> Result<bool, RaidError> {
         {
             let _all = self.locks.exclusive(0, self.layout.stripes.max(1)).await;
             self.checkpoint().await?;
-            m.csums.clear();
             let mut st = self.state();
+            if spare {
+                let listed = st.spares.iter().any(|s| Arc::ptr_eq(s, &m));
+                let slot = &st.slots[role];
+                if !listed || (slot.member.is_some() && slot.state != RoleState::Faulty) {
+                    return Ok(false);
+                }
+            }
+            m.csums.clear();
             st.spares.retain(|s| !Arc::ptr_eq(s, &m));
             let slot = &mut st.slots[role];
             slot.member = Some(m);
@@ -385,7 +402,7 @@ impl Inner {
         }
         self.persist().await?;
         self.wake.notify_one();
-        Ok(())
+        Ok(true)
     }
 
     pub(crate) async fn request_scrub(&self, repair: bool) -> Result<(), RaidError> {
@@ -547,6 +564,7 @@ impl Inner {
                     Ok(stop) => stop,
                     Err(e) => return (JobState::Failed, Some(e.to_string())),
                 };
+                let stop = stop.map(|(s, e)| (s, self.stop_message(&targets, s, &e)));
                 let end = stop.as_ref().map_or(b, |x| x.0);
                 let mut st = self.state();
                 for (r, m, _) in &targets {
@@ -557,6 +575,12 @@ impl Inner {
                         slot.recovery = slot.recovery.max(end);
                     }
                 }
+                // Set with the positions, under the window's lock: a device added once
+                // the lock is gone (while the positions are saved) must find it set, so
+                // that its clearing the flag lets the next rebuild start.
+                if let Some((_, msg)) = &stop {
+                    st.rebuild_stopped = Some(msg.clone());
+                }
                 st.gen += 1;
                 stop
             };
@@ -564,8 +588,8 @@ impl Inner {
             done_bytes += (end - a) * sb;
             self.metrics.sync_bytes.fetch_add((end - a) * sb, Relaxed);
             self.jobs.progress(end * sb, None);
-            if let Some((s, e)) = stop {
-                return self.rebuild_stopped(&targets, s, &e).await;
+            if let Some((s, msg)) = stop {
+                return self.rebuild_stopped(&targets, s, msg).await;
             }
             if last_save.elapsed() > Duration::from_secs(1) {
                 self.save_rebuild(&targets).await;
@@ -588,9 +612,20 @@ impl Inner {
         &self,
         targets: &[(usize, Arc<Member>, u64)],
         s: u64,
-        e: &basalt_blockdev::BlockError,
+        msg: String,
     ) -> (JobState, Option<String>) {
         self.save_rebuild(targets).await;
+        tracing::error!(array = %self.name, stripe = s, "{msg}");
+        (JobState::Failed, Some(msg))
+    }
+
+    /// What a rebuild stopped at stripe `s` by `e` tells the admin.
+    fn stop_message(
+        &self,
+        targets: &[(usize, Arc<Member>, u64)],
+        s: u64,
+        e: &basalt_blockdev::BlockError,
+    ) -> String {
         let sb = self.layout.stripe_bytes();
         let roles: Vec<String> = targets.iter().map(|t| t.0.to_string()).collect();
         let msg = format!(
@@ -602,9 +637,7 @@ impl Inner {
             s * sb,
             (s + 1) * sb,
         );
-        tracing::error!(array = %self.name, stripe = s, "{msg}");
-        self.state().rebuild_stopped = Some(msg.clone());
-        (JobState::Failed, Some(msg))
+        msg
     }
 
     /// Rebuilds stripes `[a, b)` on every target whose position is at or below `a`,
