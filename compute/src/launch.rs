@@ -29,7 +29,7 @@
 
 use crate::definition::{Boot, DiskSource, RunnerKind, VmDefinition};
 use crate::nbd::{NbdAddress, NbdDev, NbdOptions, DEFAULT_RECONNECT_WINDOW};
-use crate::qemu::{Accel, Qemu, QemuCommand};
+use crate::qemu::{Accel, ConsoleLogCap, Qemu, QemuCommand};
 use crate::vmm::console::{self, ConsoleOut};
 use crate::vmm::virtio::net::Tap;
 use crate::vmm::{BootSpec, DiskConfig, NicConfig, Vm, VmConfig, VmError, VmExit};
@@ -400,6 +400,10 @@ pub fn vmm_main(args: impl IntoIterator<Item = OsString>) -> i32 {
     }
 }
 
+/// How often the QEMU runner checks the size of `console.log` (a guest writing its
+/// serial console flat out adds well under a MiB a second).
+const CONSOLE_LOG_CHECK: Duration = Duration::from_secs(1);
+
 fn run_qemu(
     def: &VmDefinition,
     dir: &Path,
@@ -410,6 +414,13 @@ fn run_qemu(
 ) -> i32 {
     let accel = Accel::detect();
     let cmd = QemuCommand::build_with(def, dir, disks, nics, accel, args.nbd_reconnect);
+    let mut log_cap = match ConsoleLogCap::open(&dir.join("console.log")) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("vmm: console.log cannot be size-checked: {e}");
+            None
+        }
+    };
     let mut q = match Qemu::spawn(&cmd, dir) {
         Ok(q) => q,
         Err(e) => return finish(EXIT_SETUP, &format!("QEMU did not start: {e}")),
@@ -420,9 +431,24 @@ fn run_qemu(
     *stop_slot.lock().unwrap_or_else(PoisonError::into_inner) =
         Some(Box::new(move || s.store(true, Ordering::SeqCst)));
     let mut deadline: Option<Instant> = None;
+    let mut next_log_check = Instant::now();
     let status = loop {
         if let Some(st) = q.try_wait() {
             break st;
+        }
+        if let Some(cap) = log_cap
+            .as_mut()
+            .filter(|_| Instant::now() >= next_log_check)
+        {
+            next_log_check = Instant::now() + CONSOLE_LOG_CHECK;
+            match cap.check() {
+                Ok(true) => eprintln!("vmm: console.log reached its limit and was restarted"),
+                Ok(false) => {}
+                Err(e) => {
+                    eprintln!("vmm: console.log size check failed, no longer checked: {e}");
+                    log_cap = None;
+                }
+            }
         }
         if stop.load(Ordering::SeqCst) {
             match deadline {

@@ -26,6 +26,50 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+/// Keeps QEMU's `console.log` within [`MAX_CONSOLE_LOG`](crate::vmm::console::MAX_CONSOLE_LOG):
+/// QEMU appends to it without a limit, so a guest that floods its serial console
+/// would fill the appliance's disk. The runner checks it while QEMU runs; past the limit
+/// the file is emptied and restarts with a line saying so (QEMU's descriptor is
+/// `O_APPEND`, so its next write lands at the new end). The recent output is what an
+/// admin debugging a guest needs; the built-in runner, which writes the log itself,
+/// stops logging at the same limit instead.
+#[derive(Debug)]
+pub struct ConsoleLogCap {
+    file: std::fs::File,
+    limit: u64,
+}
+
+impl ConsoleLogCap {
+    /// Opens (creating) `path` for the checks; held from before QEMU starts, so that
+    /// no file needs opening later (the runner may be sandboxed by then).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Self::with_limit(path, crate::vmm::console::MAX_CONSOLE_LOG)
+    }
+
+    fn with_limit(path: &Path, limit: u64) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(ConsoleLogCap { file, limit })
+    }
+
+    /// Empties the log if it grew past the limit; true if it did.
+    pub fn check(&mut self) -> io::Result<bool> {
+        let len = self.file.metadata()?.len();
+        if len <= self.limit {
+            return Ok(false);
+        }
+        self.file.set_len(0)?;
+        writeln!(
+            self.file,
+            "[basalt: console.log passed {} bytes; the output before this line was discarded]",
+            self.limit
+        )?;
+        Ok(true)
+    }
+}
+
 /// The binary, unless `BASALT_QEMU` names another.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
@@ -590,6 +634,29 @@ mod tests {
         assert!(joined.contains("logfile=/vms/t1/console.log"), "{joined}");
         assert_eq!(cmd.keep_fds, vec![7]);
         assert_eq!(cmd.qmp_socket, Path::new("/vms/t1/qmp.sock"));
+    }
+
+    #[test]
+    fn the_console_log_is_restarted_past_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut cap = ConsoleLogCap::with_limit(&path, 100).unwrap();
+        // QEMU's side: another descriptor, appending.
+        let mut qemu = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        qemu.write_all(&[b'a'; 100]).unwrap();
+        assert!(!cap.check().unwrap(), "at the limit: kept");
+        qemu.write_all(b"b").unwrap();
+        assert!(cap.check().unwrap());
+        qemu.write_all(b"after\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("[basalt: console.log passed 100 bytes"),
+            "{text}"
+        );
+        assert!(text.ends_with("was discarded]\nafter\n"), "{text}");
     }
 
     #[test]
