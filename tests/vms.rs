@@ -981,3 +981,40 @@ fn a_vm_nic_port_is_back_after_a_daemon_restart() {
     r.d.cli(&["vm", "kill", "spin"]).ok();
     assert!(port(&r).is_none(), "port {tap} outlived its VM");
 }
+
+/// A VM whose files cannot be read never locks the admin out: one with an unreadable
+/// `vm.json` (not UTF-8: an I/O error, not a parse error) is still shown, stopped and
+/// deleted; one with a torn `status.json` is shown with the reason, and deleted.
+#[test]
+fn a_vm_with_unreadable_files_can_still_be_stopped_and_deleted() {
+    let r = rig(None);
+    let spin = r.kernel("spin", &spinning(b"up\n"));
+    for name in ["broken", "torn"] {
+        let def = r.definition(name, &spin, json!({}));
+        assert_eq!(r.api("POST", "/api/v1/vms", Some(&def)).0, 201);
+    }
+    assert_eq!(r.api("POST", "/api/v1/vms/broken/start", None).0, 200);
+    // The VMM has read its definition once the guest runs.
+    r.wait("broken", "a boot", |_| r.console("broken") == "up\n");
+    let vms = r.d.data_dir.join("vms");
+    std::fs::write(vms.join("broken/vm.json"), [0xff, 0xfe]).unwrap();
+    let v = r.vm("broken");
+    assert!(v["error"].as_str().is_some(), "{v:#}");
+    assert_eq!(state(&v), "running", "{v:#}");
+    let (code, v) = r.api("POST", "/api/v1/vms/broken/stop", None);
+    assert_eq!(code, 200, "{v:#}");
+    assert_eq!(state(&v), "stopped", "{v:#}");
+    let (code, v) = r.api("DELETE", "/api/v1/vms/broken", None);
+    assert!((200..300).contains(&code), "{code} {v:#}");
+    assert!(!vms.join("broken").exists());
+
+    std::fs::write(vms.join("torn/status.json"), "{\"state\":").unwrap();
+    let v = r.vm("torn");
+    assert!(
+        v["status_error"].as_str().unwrap().contains("status.json"),
+        "{v:#}"
+    );
+    let (code, v) = r.api("DELETE", "/api/v1/vms/torn", None);
+    assert!((200..300).contains(&code), "{code} {v:#}");
+    assert!(!vms.join("torn").exists());
+}

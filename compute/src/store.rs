@@ -39,6 +39,14 @@ pub enum StoreError {
     /// The VM is running.
     #[error("VM {0:?} is running; stop it first")]
     Running(String),
+    /// A file holds what cannot be parsed (a torn or hand-edited `status.json`).
+    #[error("{}: cannot be parsed: {reason}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The file system failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -121,6 +129,10 @@ pub struct VmStatus {
     /// How the last run ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<ExitRecord>,
+    /// Why this status (live, in the supervisor) is not what `status.json` holds: the
+    /// last write of it failed (a full disk...). Never written to the file itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_recorded: Option<String>,
 }
 
 /// One VM as listed.
@@ -132,8 +144,8 @@ pub struct VmEntry {
     pub dir: PathBuf,
     /// The definition, or why it cannot be read.
     pub definition: Result<VmDefinition, String>,
-    /// The recorded status.
-    pub status: VmStatus,
+    /// The recorded status, or why it cannot be read (see [`VmStore::status`]).
+    pub status: Result<VmStatus, String>,
 }
 
 /// A directory of VM folders. See the [module docs](self).
@@ -199,7 +211,8 @@ impl VmStore {
         if !dir.join(DEFINITION_FILE).exists() {
             return Err(StoreError::NotFound(def.name.clone()));
         }
-        if self.status(&def.name).state.is_active() {
+        // An unreadable status may hide a running VM: refused too.
+        if self.status(&def.name)?.state.is_active() {
             return Err(StoreError::Running(def.name.clone()));
         }
         write_atomic(&dir.join(DEFINITION_FILE), &def.to_json())
@@ -219,18 +232,48 @@ impl VmStore {
         Ok(VmDefinition::from_json(&text)?)
     }
 
-    /// The recorded status (default when none was recorded).
-    pub fn status(&self, name: &str) -> VmStatus {
-        std::fs::read_to_string(self.dir(name).join(STATUS_FILE))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default()
+    /// The recorded status.
+    ///
+    /// No `status.json` means [`VmState::Stopped`]: the file is written (atomically,
+    /// so it is never half there) before a VMM is spawned, and a start that cannot
+    /// write it fails, so a VM without one never ran. A file that cannot be read or
+    /// parsed is an error, never "stopped": the VM may run, and the callers that must
+    /// know (the one-writer and pool checks) refuse rather than guess.
+    pub fn status(&self, name: &str) -> Result<VmStatus, StoreError> {
+        let path = self.dir(name).join(STATUS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(VmStatus::default()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// Records a status.
     pub fn set_status(&self, name: &str, status: &VmStatus) -> Result<(), StoreError> {
-        let text = serde_json::to_string_pretty(status).unwrap_or_default();
-        write_atomic(&self.dir(name).join(STATUS_FILE), &text)
+        let mut status = status.clone();
+        status.not_recorded = None;
+        let path = self.dir(name).join(STATUS_FILE);
+        let text = serde_json::to_string_pretty(&status).map_err(|e| StoreError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, &text)
+    }
+
+    /// Whether VM `name` exists: its folder has a `vm.json`, readable or not (so that a
+    /// VM whose definition cannot be read can still be stopped, shown and deleted).
+    pub fn exists(&self, name: &str) -> Result<bool, StoreError> {
+        validate_name(name).map_err(|_| StoreError::NotFound(name.to_string()))?;
+        let path = self.dir(name).join(DEFINITION_FILE);
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 
     /// Every VM folder (folders with a `vm.json`), by name.
@@ -244,7 +287,7 @@ impl VmStore {
             }
             let name = e.file_name().to_string_lossy().into_owned();
             let definition = self.get(&name).map_err(|e| e.to_string());
-            let status = self.status(&name);
+            let status = self.status(&name).map_err(|e| e.to_string());
             out.push(VmEntry {
                 name,
                 dir,
@@ -257,14 +300,23 @@ impl VmStore {
     }
 
     /// Deletes a stopped VM's folder with everything in it (file disks included; LUNs
-    /// live elsewhere and are the caller's to delete).
+    /// live elsewhere and are the caller's to delete). The definition need not be
+    /// readable; the status must be, and not active (see [`VmStore::remove`]).
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
-        self.get(name).map(|_| ()).or_else(|e| match e {
-            StoreError::Invalid(_) => Ok(()),
-            other => Err(other),
-        })?;
-        if self.status(name).state.is_active() {
+        if !self.exists(name)? {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        if self.status(name)?.state.is_active() {
             return Err(StoreError::Running(name.to_string()));
+        }
+        self.remove(name)
+    }
+
+    /// Deletes VM `name`'s folder without looking at its status: for a caller that
+    /// knows otherwise that no VMM runs for it (the supervisor).
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        if !self.exists(name)? {
+            return Err(StoreError::NotFound(name.to_string()));
         }
         let dir = self.dir(name);
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))
@@ -333,5 +385,45 @@ mod tests {
         store
             .delete("bad")
             .expect("a broken VM can still be deleted");
+    }
+
+    #[test]
+    fn an_unreadable_status_is_an_error_not_stopped() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = VmStore::open(tmp.path()).expect("store");
+        let d = def("a");
+        store.create(&d).expect("a");
+        // Never started: no status.json, stopped.
+        assert_eq!(store.status("a").expect("status").state, VmState::Stopped);
+        std::fs::write(tmp.path().join("a").join(STATUS_FILE), "{\"state\":\"runn").expect("w");
+        let e = store
+            .status("a")
+            .expect_err("a torn status is not \"stopped\"");
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains(STATUS_FILE), "{e}");
+        let list = store.list().expect("list");
+        assert!(list[0].status.is_err(), "{:?}", list[0].status);
+        // What may run is neither redefined nor deleted on a guess.
+        assert!(matches!(store.update(&d), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(store.delete("a"), Err(StoreError::Corrupt { .. })));
+        store
+            .set_status("a", &VmStatus::default())
+            .expect("rewrite");
+        store.delete("a").expect("delete");
+    }
+
+    #[test]
+    fn a_vm_whose_definition_cannot_be_read_exists_and_can_be_deleted() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = VmStore::open(tmp.path()).expect("store");
+        store.create(&def("a")).expect("a");
+        // Not UTF-8: reading it is an I/O error (InvalidData), not a parse error.
+        std::fs::write(tmp.path().join("a").join(DEFINITION_FILE), [0xff, 0xfe]).expect("w");
+        assert!(matches!(store.get("a"), Err(StoreError::Io { .. })));
+        assert!(store.exists("a").expect("exists"));
+        assert!(!store.exists("b").expect("exists"));
+        assert!(matches!(store.delete("b"), Err(StoreError::NotFound(_))));
+        store.delete("a").expect("delete");
+        assert!(!store.exists("a").expect("exists"));
     }
 }

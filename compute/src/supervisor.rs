@@ -64,6 +64,18 @@ pub enum SupervisorError {
         #[source]
         source: std::io::Error,
     },
+    /// A VMM process runs for the VM that this supervisor does not supervise (one that
+    /// could not be adopted, or started by hand): starting another would make two.
+    #[error("VM {name:?}: a VMM process (pid {pid}) runs for it unsupervised; stop it first")]
+    Unsupervised {
+        /// The VM.
+        name: String,
+        /// The process.
+        pid: u32,
+    },
+    /// `/proc` cannot be read, so whether a VMM runs for the VM is unknown.
+    #[error("cannot look for VMM processes in /proc: {0}")]
+    Proc(#[source] std::io::Error),
     /// Waiting timed out.
     #[error("VM {name:?}: timed out waiting for {what}")]
     Timeout {
@@ -73,6 +85,10 @@ pub enum SupervisorError {
         what: String,
     },
 }
+
+/// A VM as [`Supervisor::list`] gives it: its name, and its status or why that cannot
+/// be read.
+pub type ListedVm = (String, Result<VmStatus, String>);
 
 /// How to start VMM processes.
 #[derive(Debug, Clone)]
@@ -213,6 +229,47 @@ fn last_words(log: &Path, offset: u64) -> Option<String> {
         .find_map(|l| l.strip_prefix(EXIT_LINE_PREFIX).map(str::to_string))
 }
 
+/// The VM folder a VMM command line (`/proc/PID/cmdline`) serves: the argument after
+/// `--vm-dir`, compared whole (a substring test would take `vms/a` for `vms/ab`).
+fn vmm_dir(cmdline: &[u8]) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut args = cmdline.split(|&b| b == 0);
+    args.by_ref().find(|a| *a == b"--vm-dir")?;
+    let dir = args.next()?;
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir)))
+}
+
+/// Every VMM process on this host by the VM folder it serves (the lowest pid first
+/// when there are several). Found by their command lines, so it does not depend on
+/// `status.json`, which may be stale or unreadable. Zombies have no command line and
+/// do not count.
+fn vmm_processes() -> std::io::Result<HashMap<PathBuf, Vec<u32>>> {
+    let mut out: HashMap<PathBuf, Vec<u32>> = HashMap::new();
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A process that ended meanwhile (or a kernel thread) has nothing to read.
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if let Some(dir) = vmm_dir(&cmdline) {
+            out.entry(dir).or_default().push(pid);
+        }
+    }
+    for pids in out.values_mut() {
+        pids.sort_unstable();
+    }
+    Ok(out)
+}
+
+/// A VMM process serving folder `dir`, if one runs.
+fn vmm_process(dir: &Path) -> Result<Option<u32>, SupervisorError> {
+    let all = vmm_processes().map_err(SupervisorError::Proc)?;
+    Ok(all.get(dir).and_then(|p| p.first().copied()))
+}
+
 fn signal_name(sig: i32) -> String {
     match sig {
         libc::SIGKILL => "SIGKILL".into(),
@@ -259,36 +316,50 @@ impl Supervisor {
         let mut out = h.status.borrow().clone();
         f(&mut out);
         // The file first, then the watchers: whoever sees the new state (a stop() that
-        // returns, say) also finds it on disk. The file is a record for humans and for
-        // recover(); losing one write to a full disk is not worth failing the VM for.
-        let _ = self.store.set_status(name, &out);
+        // returns, say) also finds it on disk. A failed write does not fail a VM that
+        // runs (recover() finds VMMs by their command lines, not by the file alone), but
+        // it is not silent either: the live status says so, and the API shows it.
+        out.not_recorded = self
+            .store
+            .set_status(name, &out)
+            .err()
+            .map(|e| format!("this status could not be recorded: {e}"));
         h.status.send_replace(out.clone());
         out
     }
 
-    /// The status: live when supervised, else as recorded.
+    /// The status: live when supervised, else as recorded. The definition need not be
+    /// readable. An unreadable `status.json` of an unsupervised VM is an error (see
+    /// [`VmStore::status`]): the VM may run.
     pub fn status(&self, name: &str) -> Result<VmStatus, SupervisorError> {
-        self.store.get(name).map(|_| ()).or_else(|e| match e {
-            StoreError::Invalid(_) => Ok(()),
-            e => Err(e),
-        })?;
-        Ok(match self.handle(name) {
-            Some(h) => h.status.borrow().clone(),
-            None => self.store.status(name),
-        })
+        if let Some(h) = self.handle(name) {
+            return Ok(h.status.borrow().clone());
+        }
+        if !self.store.exists(name)? {
+            return Err(StoreError::NotFound(name.to_string()).into());
+        }
+        Ok(self.store.status(name)?)
     }
 
-    /// Every VM with its status.
-    pub fn list(&self) -> Result<Vec<(String, VmStatus)>, SupervisorError> {
+    /// Every VM with its status, or why that cannot be read.
+    pub fn list(&self) -> Result<Vec<ListedVm>, SupervisorError> {
         let mut out = Vec::new();
         for e in self.store.list()? {
             let st = match self.handle(&e.name) {
-                Some(h) => h.status.borrow().clone(),
+                Some(h) => Ok(h.status.borrow().clone()),
                 None => e.status,
             };
             out.push((e.name, st));
         }
         Ok(out)
+    }
+
+    /// Forgets `handle` of VM `name` if it is still the current one.
+    fn drop_handle(&self, name: &str, handle: &Arc<VmHandle>) {
+        let mut vms = self.vms.lock().unwrap_or_else(PoisonError::into_inner);
+        if vms.get(name).is_some_and(|h| Arc::ptr_eq(h, handle)) {
+            vms.remove(name);
+        }
     }
 
     fn spawn_vmm(&self, def: &VmDefinition) -> Result<(Proc, u64), SupervisorError> {
@@ -345,11 +416,15 @@ impl Supervisor {
     /// Starts VM `name`; returns the VMM's pid once it is spawned.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<u32, SupervisorError> {
         let def = self.store.get(name)?;
-        let (status_tx, _) = watch::channel(VmStatus {
+        // The old record only carries the last exit over; an unreadable one is replaced,
+        // once the process scan below has shown that no VMM runs for the VM.
+        let starting = VmStatus {
             state: VmState::Starting,
             restarts: 0,
-            ..self.store.status(name)
-        });
+            not_recorded: None,
+            ..self.store.status(name).unwrap_or_default()
+        };
+        let (status_tx, _) = watch::channel(starting.clone());
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let handle = Arc::new(VmHandle {
             status: status_tx,
@@ -364,8 +439,33 @@ impl Supervisor {
             }
             vms.insert(name.to_string(), handle.clone());
         }
+        // No handle (or a stopped one) does not prove that no VMM runs: one that could not
+        // be adopted after a daemon restart still would, and a second one on the same
+        // disks would corrupt them. Our handle is in place first, so no start of ours
+        // can slip in between.
+        match vmm_process(&self.store.dir(name)) {
+            Ok(None) => {}
+            Ok(Some(pid)) => {
+                self.drop_handle(name, &handle);
+                return Err(SupervisorError::Unsupervised {
+                    name: name.to_string(),
+                    pid,
+                });
+            }
+            Err(e) => {
+                self.drop_handle(name, &handle);
+                return Err(e);
+            }
+        }
+        // Recorded before the VMM exists: a VMM that runs while `status.json` says
+        // stopped is what the LUN checks must never see, so a start that cannot write
+        // the record does not happen.
+        if let Err(e) = self.store.set_status(name, &starting) {
+            self.drop_handle(name, &handle);
+            return Err(e.into());
+        }
         let runner = crate::launch::choose_runner(&def, None);
-        let (proc, offset) = match self.spawn_vmm(&def) {
+        let (mut proc, offset) = match self.spawn_vmm(&def) {
             Ok(p) => p,
             Err(e) => {
                 self.update(name, &handle, |s| {
@@ -381,12 +481,32 @@ impl Supervisor {
             }
         };
         let pid = proc.pid().unwrap_or(0);
-        self.update(name, &handle, |s| {
+        let st = self.update(name, &handle, |s| {
             s.state = VmState::Running;
             s.pid = Some(pid);
             s.runner = Some(format!("{runner:?}").to_lowercase());
             s.started_at_ms = now_ms();
         });
+        if let Some(why) = st.not_recorded {
+            // Without its pid on record the VMM would run unrecorded; a start that
+            // fails is better. It is our child: killed and reaped here.
+            signal_pid(Some(pid), libc::SIGKILL);
+            let _ = proc.wait().await;
+            self.update(name, &handle, |s| {
+                s.state = VmState::Failed;
+                s.pid = None;
+                s.last_exit = Some(ExitRecord {
+                    at_ms: now_ms(),
+                    reason: format!("killed at start: {why}"),
+                    requested: true,
+                    ..ExitRecord::default()
+                });
+            });
+            return Err(SupervisorError::Spawn {
+                name: name.to_string(),
+                source: std::io::Error::other(why),
+            });
+        }
         let me = self.clone();
         let n = name.to_string();
         tokio::spawn(async move { me.monitor(n, handle, proc, offset, ctl_rx).await });
@@ -577,14 +697,28 @@ impl Supervisor {
         self.control(name, Control::Kill).await
     }
 
-    /// Deletes a stopped VM's folder.
+    /// Deletes a stopped VM's folder. Neither its definition nor its `status.json` need
+    /// be readable (so that a broken VM never locks the admin out): a supervised VM is
+    /// stopped by its live status, an unsupervised one when no VMM process runs for it.
     pub fn delete(&self, name: &str) -> Result<(), SupervisorError> {
-        if let Some(h) = self.handle(name) {
-            if h.status.borrow().state.is_active() {
+        match self.handle(name) {
+            Some(h) if h.status.borrow().state.is_active() => {
                 return Err(StoreError::Running(name.to_string()).into());
             }
+            Some(_) => {}
+            None => {
+                if !self.store.exists(name)? {
+                    return Err(StoreError::NotFound(name.to_string()).into());
+                }
+                if let Some(pid) = vmm_process(&self.store.dir(name))? {
+                    return Err(SupervisorError::Unsupervised {
+                        name: name.to_string(),
+                        pid,
+                    });
+                }
+            }
         }
-        self.store.delete(name)?;
+        self.store.remove(name)?;
         self.vms
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -592,24 +726,33 @@ impl Supervisor {
         Ok(())
     }
 
-    /// After a daemon restart: re-adopts the VMM processes that still run (by the pid
-    /// recorded in `status.json`, checked against `/proc/PID/cmdline`) and records the
-    /// ones that died meanwhile as crashed. Returns the names of adopted VMs.
+    /// After a daemon restart: re-adopts the VMM processes that still run and records
+    /// the ones that died meanwhile as crashed. Returns the names of adopted VMs.
+    ///
+    /// VMMs are found by their command lines (`--vm-dir DIR`), not by `status.json`
+    /// alone: a VM whose record is unreadable, or says stopped because a write failed,
+    /// may still run, and would otherwise count as stopped to every check. Every such
+    /// VM gets a handle, so that its status is known from here on.
     pub async fn recover(self: &Arc<Self>) -> Result<Vec<String>, SupervisorError> {
+        let running = vmm_processes().map_err(SupervisorError::Proc)?;
         let mut adopted = Vec::new();
         for e in self.store.list()? {
-            if !e.status.state.is_active() || self.handle(&e.name).is_some() {
+            if self.handle(&e.name).is_some() {
                 continue;
             }
-            let alive = e.status.pid.filter(|&pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| {
-                        let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                        c.contains("--vm-dir") && c.contains(&*e.dir.to_string_lossy())
-                    })
-                    .unwrap_or(false)
-            });
-            let (status_tx, _) = watch::channel(e.status.clone());
+            let pids = running.get(&e.dir).map(Vec::as_slice).unwrap_or_default();
+            // The recorded pid if it is one of them (several VMMs for one folder cannot
+            // come from a supervisor that checks before it starts one).
+            let recorded = e.status.as_ref().ok().and_then(|s| s.pid);
+            let alive = recorded
+                .filter(|p| pids.contains(p))
+                .or_else(|| pids.first().copied());
+            let (status, unreadable) = match (&e.status, alive) {
+                (Ok(s), None) if !s.state.is_active() => continue,
+                (Ok(s), _) => (s.clone(), None),
+                (Err(why), _) => (VmStatus::default(), Some(why.clone())),
+            };
+            let (status_tx, _) = watch::channel(status);
             let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
             let handle = Arc::new(VmHandle {
                 status: status_tx,
@@ -619,16 +762,27 @@ impl Supervisor {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(e.name.clone(), handle.clone());
-            let fd = alive.and_then(|pid| pidfd_open(pid).ok().map(|fd| (pid, fd)));
-            // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it (and so keeps it
-            // open and unchanged) until it is dropped.
-            let registered =
-                fd.and_then(|(pid, fd)| unsafe { AsyncFd::register(fd) }.ok().map(|a| (pid, a)));
+            let fd = alive.map(|pid| (pid, pidfd_open(pid)));
+            let registered = fd.map(|(pid, fd)| {
+                (
+                    pid,
+                    fd.and_then(|fd| {
+                        // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it (and
+                        // so keeps it open and unchanged) until it is dropped.
+                        unsafe { AsyncFd::register(fd) }
+                            .map_err(|e| std::io::Error::other(e.to_string()))
+                    }),
+                )
+            });
             match registered {
-                Some((pid, pidfd)) => {
+                Some((pid, Ok(pidfd))) => {
                     let offset = std::fs::metadata(e.dir.join("vmm.log"))
                         .map(|m| m.len())
                         .unwrap_or(0);
+                    self.update(&e.name, &handle, |s| {
+                        s.state = VmState::Running;
+                        s.pid = Some(pid);
+                    });
                     let me = self.clone();
                     let name = e.name.clone();
                     tokio::spawn(async move {
@@ -637,13 +791,32 @@ impl Supervisor {
                     });
                     adopted.push(e.name);
                 }
-                None => {
+                Some((pid, Err(err))) if std::fs::metadata(format!("/proc/{pid}")).is_ok() => {
+                    // It runs but cannot be watched: not "crashed" (that would let a
+                    // second writer start), but active, with the reason.
+                    self.update(&e.name, &handle, |s| {
+                        s.state = VmState::Running;
+                        s.pid = Some(pid);
+                        s.last_exit = Some(ExitRecord {
+                            at_ms: now_ms(),
+                            reason: format!("the VMM runs but cannot be adopted: {err}"),
+                            ..ExitRecord::default()
+                        });
+                    });
+                }
+                _ => {
                     self.update(&e.name, &handle, |s| {
                         s.state = VmState::Crashed;
                         s.pid = None;
                         s.last_exit = Some(ExitRecord {
                             at_ms: now_ms(),
-                            reason: "the VMM was gone when the daemon restarted".into(),
+                            reason: match &unreadable {
+                                Some(why) => format!(
+                                    "status.json was unreadable when the daemon restarted \
+                                     ({why}), and no VMM ran for the VM"
+                                ),
+                                None => "the VMM was gone when the daemon restarted".into(),
+                            },
                             ..ExitRecord::default()
                         });
                     });

@@ -99,7 +99,10 @@ async fn a_guest_that_powers_off_is_stopped() {
     assert_eq!(r.console("off"), "hello from the guest\n");
     assert!(r.vmm_log("off").contains("seccomp filter installed"));
     // The record is on disk too, for `basalt vm list` after a daemon restart.
-    assert_eq!(r.sup.store().status("off").state, VmState::Stopped);
+    assert_eq!(
+        r.sup.store().status("off").expect("status").state,
+        VmState::Stopped
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,4 +394,102 @@ async fn handed_over_disk_and_nic_become_virtio_devices() {
     assert_eq!(r.console("devs"), "215");
     let _ = nbdkit.kill();
     let _ = nbdkit.wait();
+}
+
+/// A supervisor over a fresh store that spawns nothing (no KVM needed): for what happens
+/// before a VMM exists.
+fn bare() -> Rig {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = VmStore::open(tmp.path().join("vms")).expect("store");
+    let mut cfg = SupervisorConfig::new(env!("CARGO_BIN_EXE_basalt-compute-vmm"));
+    cfg.args_prefix.clear();
+    let sup = Supervisor::new(store, cfg, Arc::new(NoHandover));
+    Rig { _tmp: tmp, sup }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_status_is_unknown_not_stopped_and_the_vm_can_still_go() {
+    let r = bare();
+    r.create("torn", &spinning(b""), "");
+    let path = r.sup.store().dir("torn").join("status.json");
+    std::fs::write(&path, r#"{"state":"runn"#).expect("tear");
+    let e = r.sup.status("torn").expect_err("not a guess");
+    assert!(e.to_string().contains("status.json"), "{e}");
+    let list = r.sup.list().expect("list");
+    assert!(list[0].1.is_err(), "{list:?}");
+    // No VMM runs for it (no process has its --vm-dir): it can be deleted.
+    r.sup.delete("torn").expect("delete");
+    assert!(!r.sup.store().exists("torn").expect("exists"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_definition_cannot_be_read_can_be_shown_and_deleted() {
+    let r = bare();
+    r.create("broken", &spinning(b""), "");
+    // Not UTF-8: an I/O error (InvalidData) on read, not a parse error.
+    std::fs::write(r.sup.store().dir("broken").join("vm.json"), [0xff, 0xfe]).expect("w");
+    assert_eq!(
+        r.sup.status("broken").expect("status").state,
+        VmState::Stopped
+    );
+    assert!(r.sup.stop("broken").await.is_err(), "nothing to stop");
+    r.sup.delete("broken").expect("delete");
+    assert!(r.sup.status("broken").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_cannot_record_its_status_does_not_run() {
+    let r = bare();
+    r.create("norecord", &spinning(b""), "");
+    // status.json a non-empty directory: the atomic rename over it fails.
+    let path = r.sup.store().dir("norecord").join("status.json");
+    std::fs::create_dir_all(path.join("x")).expect("dir");
+    let e = r.sup.start("norecord").await.expect_err("unrecorded start");
+    assert!(e.to_string().contains("status.json"), "{e}");
+    // The spawn opens vmm.log first: it was never reached.
+    assert!(!r.sup.store().dir("norecord").join("vmm.log").exists());
+    // Nothing is supervised: the status is the (unreadable) record's.
+    assert!(r.sup.status("norecord").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_recorded_as_stopped_or_unreadably_is_adopted_and_not_doubled() {
+    let r = rig();
+    r.create("hidden", &spinning(b"x"), "");
+    r.create("torn", &spinning(b"y"), "");
+    let hidden = r.sup.start("hidden").await.expect("start");
+    let torn = r.sup.start("torn").await.expect("start");
+    // As if the writes of Running had failed, or the file were torn afterwards.
+    let dir = |n: &str| r.sup.store().dir(n);
+    std::fs::write(dir("hidden").join("status.json"), r#"{"state":"stopped"}"#).expect("w");
+    std::fs::write(dir("torn").join("status.json"), "{").expect("w");
+    let fresh = || {
+        let mut cfg = SupervisorConfig::new(env!("CARGO_BIN_EXE_basalt-compute-vmm"));
+        cfg.args_prefix.clear();
+        cfg.stop_timeout = Duration::from_secs(5);
+        Supervisor::new(
+            VmStore::open(r.sup.store().root()).expect("store"),
+            cfg,
+            Arc::new(NoHandover),
+        )
+    };
+    // A supervisor that has not recovered does not start a second VMM beside one.
+    let other = fresh();
+    let e = other.start("hidden").await.expect_err("second VMM");
+    assert!(e.to_string().contains(&hidden.to_string()), "{e}");
+    assert!(other.delete("torn").is_err(), "deleted under a running VMM");
+
+    let again = fresh();
+    let mut adopted = again.recover().await.expect("recover");
+    adopted.sort();
+    assert_eq!(adopted, vec!["hidden".to_string(), "torn".to_string()]);
+    for (name, pid) in [("hidden", hidden), ("torn", torn)] {
+        let st = again.status(name).expect("status");
+        assert_eq!((st.state, st.pid), (VmState::Running, Some(pid)), "{name}");
+        // Recorded again, for the next restart.
+        let on_disk = again.store().status(name).expect("readable again");
+        assert_eq!(on_disk.pid, Some(pid), "{name}");
+        let st = again.kill(name).await.expect("kill through the adopter");
+        assert_eq!(st.state, VmState::Stopped, "{name}");
+    }
 }

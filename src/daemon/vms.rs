@@ -53,9 +53,14 @@ pub struct VmInfo {
     pub definition: Option<VmDefinition>,
     /// Why the definition cannot be read.
     pub error: Option<String>,
-    /// State, runner, pid, restarts, and how the last run ended.
+    /// State, runner, pid, restarts, and how the last run ended (the default, "stopped",
+    /// when `status_error` says it cannot be read).
     #[schema(value_type = Object)]
     pub status: VmStatus,
+    /// Why the status cannot be read (`status.json` unreadable): the VM may run, and
+    /// LUN and pool checks that involve it refuse until it can be read or is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_error: Option<String>,
 }
 
 /// A piece of a VM's serial console log.
@@ -88,7 +93,9 @@ impl From<SupervisorError> for ApiError {
             e @ (SupervisorError::AlreadyRunning(_) | SupervisorError::NotRunning(_)) => {
                 ApiError::Conflict(e.to_string())
             }
-            e @ SupervisorError::Resolve { .. } => ApiError::Conflict(e.to_string()),
+            e @ (SupervisorError::Resolve { .. } | SupervisorError::Unsupervised { .. }) => {
+                ApiError::Conflict(e.to_string())
+            }
             e => ApiError::Internal(e.to_string()),
         }
     }
@@ -271,11 +278,13 @@ impl Vms {
                         Ok(d) => (Some(d), None),
                         Err(e) => (None, Some(e.to_string())),
                     };
+                    let (status, status_error) = split_status(status);
                     VmInfo {
                         name,
                         definition,
                         error,
                         status,
+                        status_error,
                     }
                 })
                 .collect())
@@ -288,7 +297,14 @@ impl Vms {
         let sup = self.supervisor.clone();
         let n = name.to_string();
         blocking(move || {
-            let status = sup.status(&n)?;
+            // Shown even when the status or the definition cannot be read: stop, kill
+            // and delete look the VM up here first, and must work on a broken one.
+            let status = match sup.status(&n) {
+                Ok(s) => Ok(s),
+                Err(e @ SupervisorError::Store(StoreError::NotFound(_))) => return Err(e.into()),
+                Err(e) => Err(e.to_string()),
+            };
+            let (status, status_error) = split_status(status);
             let (definition, error) = match sup.store().get(&n) {
                 Ok(d) => (Some(d), None),
                 Err(StoreError::NotFound(_)) => {
@@ -301,6 +317,7 @@ impl Vms {
                 definition,
                 error,
                 status,
+                status_error,
             })
         })
         .await
@@ -344,8 +361,8 @@ impl Vms {
     /// `DELETE /vms/{name}`: a VM that is not running, with its folder (file disks
     /// included; LUNs are left alone).
     pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
-        self.get(name).await?;
-        if self.supervisor.status(name)?.state.is_active() {
+        // Supervisor::delete refuses an active VM, whether or not its files read.
+        if self.get(name).await?.status.state.is_active() {
             return Err(StoreError::Running(name.to_string()).into());
         }
         self.release_ports(name).await;
@@ -410,8 +427,10 @@ impl Vms {
         };
         let mut seen = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
         list.into_iter()
-            .map(|e| {
-                let status = self.supervisor.status(&e.name).unwrap_or(e.status);
+            .filter_map(|e| {
+                // A VM whose state cannot be read has no state to show ("stopped" would
+                // be a guess); `GET /vms` says why.
+                let status = self.supervisor.status(&e.name).ok()?;
                 let runner = status
                     .runner
                     .clone()
@@ -427,12 +446,12 @@ impl Vms {
                 // The status counts restarts in a row and resets after a stable run.
                 entry.1 += u64::from(if now >= entry.0 { now - entry.0 } else { now });
                 entry.0 = now;
-                VmMetrics {
+                Some(VmMetrics {
                     name: e.name,
                     runner,
                     state: status.state,
                     restarts_total: entry.1,
-                }
+                })
             })
             .collect()
     }
@@ -531,6 +550,14 @@ fn writes_with(other: &VmDefinition, source: &str, read_only: bool) -> bool {
     other.disks.iter().any(|d| {
         matches!(&d.source, DiskSource::Lun(l) if l == source) && !(d.read_only && read_only)
     })
+}
+
+/// A status for [`VmInfo`]: the default with the reason when it cannot be read.
+fn split_status(status: Result<VmStatus, String>) -> (VmStatus, Option<String>) {
+    match status {
+        Ok(s) => (s, None),
+        Err(e) => (VmStatus::default(), Some(e)),
+    }
 }
 
 /// Whether VM `name` is active (starting, running, stopping). A VM whose folder is gone
@@ -1060,7 +1087,7 @@ mod tests {
             name: name.into(),
             dir: PathBuf::from("/nonexistent").join(name),
             definition,
-            status: VmStatus::default(),
+            status: Ok(VmStatus::default()),
         }
     }
 
@@ -1135,6 +1162,73 @@ mod tests {
         assert!(e.contains("unreadable definition"), "{e}");
         // A stopped one cannot write: it cannot start before its definition reads again.
         assert_eq!(lun_users(entries(), "me", &[], &[]), Ok(vec![]));
+    }
+
+    /// A supervisor (that never starts anything) over a fresh store with `vms` defined.
+    fn supervisor(vms: &[VmDefinition]) -> (tempfile::TempDir, Arc<Supervisor>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = VmStore::open(tmp.path().join(VMS_DIR)).unwrap();
+        for d in vms {
+            store.create(d).unwrap();
+        }
+        let sup = Supervisor::new(
+            store,
+            SupervisorConfig::new("/nonexistent"),
+            Arc::new(basalt_compute::supervisor::NoHandover),
+        );
+        (tmp, sup)
+    }
+
+    #[test]
+    fn a_torn_status_makes_the_one_writer_check_refuse_naming_the_vm() {
+        let (_tmp, sup) = supervisor(&[
+            def("a", &[("d", "p0/root", false)], &[]),
+            def("b", &[("d", "p0/other", false)], &[]),
+        ]);
+        // The record a full disk or a crash can leave: not "stopped" by default.
+        std::fs::write(sup.store().dir("a").join("status.json"), "{\"state\":").unwrap();
+        std::fs::write(sup.store().dir("b").join("status.json"), "{").unwrap();
+        let check = || {
+            active_users(
+                sup.store().list().unwrap(),
+                Some("me"),
+                |other| writes_with(other, "p0/root", false),
+                |name| vm_active(&sup, name),
+            )
+        };
+        let e = check().unwrap_err();
+        assert!(e.contains("cannot tell whether VM \"a\" is running"), "{e}");
+        assert!(e.contains("status.json"), "{e}");
+        // Once the record reads again (stopped), the check passes; b never mattered.
+        std::fs::write(
+            sup.store().dir("a").join("status.json"),
+            "{\"state\":\"stopped\"}",
+        )
+        .unwrap();
+        assert_eq!(check(), Ok(vec![]));
+        std::fs::write(
+            sup.store().dir("a").join("status.json"),
+            "{\"state\":\"running\"}",
+        )
+        .unwrap();
+        assert_eq!(check(), Ok(vec!["a".to_string()]));
+    }
+
+    #[test]
+    fn a_vm_whose_definition_cannot_be_read_locks_nothing_out() {
+        let (_tmp, sup) = supervisor(&[def("a", &[("d", "p0/root", false)], &[])]);
+        // Not UTF-8: reading it is an I/O error, not a parse error.
+        std::fs::write(sup.store().dir("a").join("vm.json"), [0xff, 0xfe]).unwrap();
+        // Its state still reads (stopped): the checks pass, and it can be deleted.
+        assert_eq!(vm_active(&sup, "a"), Ok(false));
+        let list = sup.store().list().unwrap();
+        assert!(list[0].definition.is_err());
+        assert_eq!(
+            active_users(list, Some("me"), |_| true, |n| vm_active(&sup, n)),
+            Ok(vec![])
+        );
+        sup.delete("a").unwrap();
+        assert_eq!(vm_active(&sup, "a"), Ok(false));
     }
 
     #[test]
