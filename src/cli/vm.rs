@@ -166,6 +166,10 @@ fn last_exit(v: &VmInfo) -> String {
 }
 
 fn state(v: &VmInfo) -> String {
+    // The recorded state is only a default when the status cannot be read.
+    if v.status_error.is_some() {
+        return "unknown".into();
+    }
     serde_json::to_value(v.status.state)
         .ok()
         .and_then(|s| s.as_str().map(str::to_string))
@@ -181,6 +185,12 @@ fn print_vm(v: &VmInfo) {
     }
     if let Some(e) = &v.error {
         println!("Error      {e}");
+    }
+    if let Some(e) = &v.status_error {
+        println!("Status     cannot be read: {e}");
+    }
+    if let Some(e) = &v.status.not_recorded {
+        println!("Warning    state not recorded on disk: {e}");
     }
     println!("Runner     {}", v.status.runner.as_deref().unwrap_or("-"));
     println!(
