@@ -443,7 +443,17 @@ impl Supervisor {
         // be adopted after a daemon restart still would, and a second one on the same
         // disks would corrupt them. Our handle is in place first, so no start of ours
         // can slip in between.
-        match vmm_process(&self.store.dir(name)) {
+        // The scan reads every process's command line (which can wait on a process
+        // stuck in the kernel): off the runtime's threads.
+        let dir = self.store.dir(name);
+        let scan = tokio::task::spawn_blocking(move || vmm_process(&dir))
+            .await
+            .unwrap_or_else(|e| {
+                Err(SupervisorError::Proc(std::io::Error::other(format!(
+                    "process scan failed: {e}"
+                ))))
+            });
+        match scan {
             Ok(None) => {}
             Ok(Some(pid)) => {
                 self.drop_handle(name, &handle);

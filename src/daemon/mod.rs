@@ -67,6 +67,11 @@ pub async fn serve(opts: ServeOptions) -> Result<()> {
     let data_dir = absolute(&opts.data_dir)?;
     fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    // One spelling for every path under it: running VMMs are found again by the VM
+    // folder on their command line, which must not depend on a symlink or `..` in
+    // `--data-dir` (a VMM missed would be started a second time on the same disks).
+    let data_dir = fs::canonicalize(&data_dir)
+        .with_context(|| format!("cannot resolve data directory {}", data_dir.display()))?;
     let lock = lock_data_dir(&data_dir)?;
 
     let token = security::admin_token(&data_dir)?;

@@ -721,7 +721,10 @@ impl Inner {
             if st.link != Link::Up(generation) {
                 return;
             }
-            let fresh = st.proven || st.settled.is_some_and(|t| t.elapsed() >= PROVEN_AFTER);
+            // A window shorter than PROVEN_AFTER: a connection that stayed up that long
+            // is proven too, or a healthy idle one dropping would fail requests at once.
+            let proven_after = PROVEN_AFTER.min(window);
+            let fresh = st.proven || st.settled.is_some_and(|t| t.elapsed() >= proven_after);
             let since = match st.outage {
                 Some(since) if !fresh => since,
                 _ => Instant::now(),
@@ -935,12 +938,8 @@ fn same_export(inner: &Inner, now: &ExportInfo) -> Result<(), NbdError> {
             now.max_payload
         ));
     }
-    if now.preferred_block > inner.geometry.physical_block_size {
-        what.push(format!(
-            "with a preferred block size of {} bytes (the guest was given {})",
-            now.preferred_block, inner.geometry.physical_block_size
-        ));
-    }
+    // The preferred block size is advisory (and a server that omits
+    // NBD_INFO_BLOCK_SIZE reports the default): no reason to refuse.
     if what.is_empty() {
         Ok(())
     } else {
