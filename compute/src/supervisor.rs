@@ -17,8 +17,8 @@
 //!
 //! A VMM crash touches nothing else: storage stays in the daemon, other VMs are other
 //! processes. VMM processes also outlive a daemon restart: [`Supervisor::recover`]
-//! re-adopts the live ones (through a pidfd, since they are no longer its children)
-//! and marks the dead ones crashed.
+//! re-adopts the live ones (through a pidfd, since they are no longer its children; by
+//! polling `/proc` where no pidfd can be had) and marks the dead ones crashed.
 
 use crate::definition::VmDefinition;
 use crate::launch::{VmmArgs, EXIT_LINE_PREFIX, EXIT_OK, EXIT_RESET, EXIT_SETUP};
@@ -166,17 +166,41 @@ pub struct Supervisor {
     vms: Mutex<HashMap<String, Arc<VmHandle>>>,
 }
 
+/// How often a VMM watched without a pidfd ([`Proc::Polled`]) is looked for in /proc.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
 /// A VMM process: our child, or one adopted after a daemon restart.
 enum Proc {
     Child(tokio::process::Child),
-    Adopted { pid: u32, pidfd: AsyncFd<OwnedFd> },
+    Adopted {
+        pid: u32,
+        pidfd: AsyncFd<OwnedFd>,
+    },
+    /// Adopted, but no pidfd could be had (ENOSYS, EMFILE...): watched by polling
+    /// `/proc/PID`, and taken for gone once its command line no longer names `dir`
+    /// (it ended, or is a zombie, or the pid is another process's now).
+    Polled {
+        pid: u32,
+        dir: PathBuf,
+    },
 }
 
 impl Proc {
     fn pid(&self) -> Option<u32> {
         match self {
             Proc::Child(c) => c.id(),
-            Proc::Adopted { pid, .. } => Some(*pid),
+            Proc::Adopted { pid, .. } | Proc::Polled { pid, .. } => Some(*pid),
+        }
+    }
+
+    /// What [`signal`] needs to signal this process later, without borrowing it.
+    fn target(&self) -> SignalTarget {
+        SignalTarget {
+            pid: self.pid(),
+            check_dir: match self {
+                Proc::Polled { dir, .. } => Some(dir.clone()),
+                _ => None,
+            },
         }
     }
 
@@ -193,14 +217,50 @@ impl Proc {
                 let _ = pidfd.readable().await;
                 (None, None)
             }
+            Proc::Polled { pid, dir } => loop {
+                // Reading a command line can wait on a process stuck in the kernel.
+                let (p, d) = (*pid, dir.clone());
+                let alive = tokio::task::spawn_blocking(move || is_vmm_of(p, &d))
+                    .await
+                    .unwrap_or(true);
+                if !alive {
+                    break (None, None);
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            },
         }
     }
 }
 
+/// A process to signal: its pid, and for a polled one the VM folder its command line
+/// must still name (it is not ours to reap, so its pid may be another's by now).
+struct SignalTarget {
+    pid: Option<u32>,
+    check_dir: Option<PathBuf>,
+}
+
+fn signal(target: &SignalTarget, sig: i32) {
+    if let Some(dir) = &target.check_dir {
+        if !target.pid.is_some_and(|pid| is_vmm_of(pid, dir)) {
+            return;
+        }
+    }
+    signal_pid(target.pid, sig);
+}
+
+/// Whether process `pid` is a VMM serving folder `dir` (by its command line).
+fn is_vmm_of(pid: u32, dir: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|c| vmm_dir(&c))
+        .is_some_and(|d| d == dir)
+}
+
 fn signal_pid(pid: Option<u32>, sig: i32) {
     if let Some(pid) = pid {
-        // SAFETY: kill(2) on a VMM we started or adopted. It is reaped only by
-        // `Proc::wait`, after which no more signals are sent to this pid.
+        // SAFETY: kill(2) on a VMM we started or adopted. A child is reaped only by
+        // `Proc::wait`, after which no more signals are sent to this pid; an adopted
+        // one is checked by its pidfd or, polled, by its command line just before.
         unsafe {
             libc::kill(pid as i32, sig);
         }
@@ -352,6 +412,32 @@ impl Supervisor {
             out.push((e.name, st));
         }
         Ok(out)
+    }
+
+    /// Runs [`Self::update`] only if `handle` is still the current one of VM `name`, under
+    /// the lock [`Self::start`] checks and replaces handles under: a start either sees
+    /// the new state or has replaced the handle first (then `None`, nothing written).
+    fn update_if_current(
+        &self,
+        name: &str,
+        handle: &Arc<VmHandle>,
+        f: impl FnOnce(&mut VmStatus),
+    ) -> Option<VmStatus> {
+        let vms = self.vms.lock().unwrap_or_else(PoisonError::into_inner);
+        if !vms.get(name).is_some_and(|h| Arc::ptr_eq(h, handle)) {
+            return None;
+        }
+        let st = self.update(name, handle, f);
+        drop(vms);
+        Some(st)
+    }
+
+    fn is_current(&self, name: &str, handle: &Arc<VmHandle>) -> bool {
+        self.vms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .is_some_and(|h| Arc::ptr_eq(h, handle))
     }
 
     /// Forgets `handle` of VM `name` if it is still the current one.
@@ -536,7 +622,7 @@ impl Supervisor {
             let started = Instant::now();
             let mut requested = false;
             let mut kill_at: Option<tokio::time::Instant> = None;
-            let pid = proc.pid();
+            let target = proc.target();
             let (code, signal) = loop {
                 let sleep_until = kill_at
                     .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -546,18 +632,18 @@ impl Supervisor {
                         Some(Control::Stop) => {
                             requested = true;
                             self.update(&name, &handle, |s| s.state = VmState::Stopping);
-                            signal_pid(pid, libc::SIGTERM);
+                            signal(&target, libc::SIGTERM);
                             kill_at = Some(tokio::time::Instant::now() + self.cfg.stop_timeout);
                         }
                         Some(Control::Kill) => {
                             requested = true;
                             self.update(&name, &handle, |s| s.state = VmState::Stopping);
-                            signal_pid(pid, libc::SIGKILL);
+                            signal(&target, libc::SIGKILL);
                         }
                         None => {}
                     },
                     _ = tokio::time::sleep_until(sleep_until) => {
-                        signal_pid(pid, libc::SIGKILL);
+                        signal(&target, libc::SIGKILL);
                         kill_at = None;
                     }
                 }
@@ -612,10 +698,17 @@ impl Supervisor {
                 let backoff = Duration::from_millis(policy.backoff_ms)
                     .saturating_mul(1 << st.restarts.min(16))
                     .min(Duration::from_secs(60));
-                self.update(&name, &handle, |s| {
+                // Crashed is not active: a start() may have taken the VM over since (and
+                // spawned its own VMM, or be about to). Starting again only if not, and
+                // under the map lock, so that a later start() sees Starting (active) and
+                // refuses.
+                let resumed = self.update_if_current(&name, &handle, |s| {
                     s.restarts += 1;
                     s.state = VmState::Starting;
                 });
+                if resumed.is_none() {
+                    return;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     c = ctl.recv() => {
@@ -627,6 +720,11 @@ impl Supervisor {
                 }
             }
             let Some(def) = def else { return };
+            // Starting is active, so nobody should have replaced the handle; but a
+            // second VMM on the same disks is the one thing never to risk.
+            if !self.is_current(&name, &handle) {
+                return;
+            }
             match self.spawn_vmm(&def) {
                 Ok((p, o)) => {
                     proc = p;
@@ -711,6 +809,19 @@ impl Supervisor {
     /// be readable (so that a broken VM never locks the admin out): a supervised VM is
     /// stopped by its live status, an unsupervised one when no VMM process runs for it.
     pub fn delete(&self, name: &str) -> Result<(), SupervisorError> {
+        self.check_delete(name)?;
+        self.store.remove(name)?;
+        self.vms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        Ok(())
+    }
+
+    /// Whether [`Self::delete`] would go ahead now: the VM exists and no VMM runs for
+    /// it, supervised or not. For whoever must undo things before the folder goes (the
+    /// daemon's NIC ports), and must not undo them under a VM that still runs.
+    pub fn check_delete(&self, name: &str) -> Result<(), SupervisorError> {
         match self.handle(name) {
             Some(h) if h.status.borrow().state.is_active() => {
                 return Err(StoreError::Running(name.to_string()).into());
@@ -728,12 +839,70 @@ impl Supervisor {
                 }
             }
         }
-        self.store.remove(name)?;
-        self.vms
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
         Ok(())
+    }
+
+    /// Puts VMM `pid` of VM `name` (folder `dir`, current handle `handle`) under a
+    /// monitor: through `pidfd` (from `pidfd_open(pid)`), or by polling /proc when no
+    /// pidfd can be had, so that it can be stopped, killed and seen to end either way.
+    /// False when the process is not (or no longer) a VMM of `dir`: then nothing watches
+    /// it and the caller records the VM as crashed.
+    fn watch_adopted(
+        self: &Arc<Self>,
+        name: &str,
+        dir: &Path,
+        handle: &Arc<VmHandle>,
+        ctl_rx: mpsc::UnboundedReceiver<Control>,
+        pid: u32,
+        pidfd: std::io::Result<OwnedFd>,
+    ) -> bool {
+        let (proc, unwatchable) = match pidfd {
+            // The pid was a VMM of `dir` at the scan; it may have ended and been reused
+            // before pidfd_open. Checked now that the pidfd pins the process it names.
+            Ok(_) if !is_vmm_of(pid, dir) => return false,
+            // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it (and so keeps
+            // it open and unchanged) until it is dropped.
+            Ok(fd) => match unsafe { AsyncFd::register(fd) } {
+                Ok(pidfd) => (Proc::Adopted { pid, pidfd }, None),
+                Err(err) => (
+                    Proc::Polled {
+                        pid,
+                        dir: dir.to_path_buf(),
+                    },
+                    Some(err.to_string()),
+                ),
+            },
+            Err(err) if is_vmm_of(pid, dir) => (
+                Proc::Polled {
+                    pid,
+                    dir: dir.to_path_buf(),
+                },
+                Some(err.to_string()),
+            ),
+            Err(_) => return false,
+        };
+        let offset = std::fs::metadata(dir.join("vmm.log"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        self.update(name, handle, |s| {
+            s.state = VmState::Running;
+            s.pid = Some(pid);
+            if let Some(err) = &unwatchable {
+                // Not an exit; the only place the status has for the reason.
+                s.last_exit = Some(ExitRecord {
+                    at_ms: now_ms(),
+                    reason: format!(
+                        "the VMM runs but no pidfd could be had for it ({err}): \
+                         watched by polling /proc"
+                    ),
+                    ..ExitRecord::default()
+                });
+            }
+        });
+        let me = self.clone();
+        let (name, handle) = (name.to_string(), handle.clone());
+        tokio::spawn(async move { me.monitor(name, handle, proc, offset, ctl_rx).await });
+        true
     }
 
     /// After a daemon restart: re-adopts the VMM processes that still run and records
@@ -772,67 +941,187 @@ impl Supervisor {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(e.name.clone(), handle.clone());
-            let fd = alive.map(|pid| (pid, pidfd_open(pid)));
-            let registered = fd.map(|(pid, fd)| {
-                (
-                    pid,
-                    fd.and_then(|fd| {
-                        // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it (and
-                        // so keeps it open and unchanged) until it is dropped.
-                        unsafe { AsyncFd::register(fd) }
-                            .map_err(|e| std::io::Error::other(e.to_string()))
-                    }),
-                )
-            });
-            match registered {
-                Some((pid, Ok(pidfd))) => {
-                    let offset = std::fs::metadata(e.dir.join("vmm.log"))
-                        .map(|m| m.len())
-                        .unwrap_or(0);
-                    self.update(&e.name, &handle, |s| {
-                        s.state = VmState::Running;
-                        s.pid = Some(pid);
-                    });
-                    let me = self.clone();
-                    let name = e.name.clone();
-                    tokio::spawn(async move {
-                        me.monitor(name, handle, Proc::Adopted { pid, pidfd }, offset, ctl_rx)
-                            .await
-                    });
-                    adopted.push(e.name);
+            let watched = match alive {
+                Some(pid) => {
+                    self.watch_adopted(&e.name, &e.dir, &handle, ctl_rx, pid, pidfd_open(pid))
                 }
-                Some((pid, Err(err))) if std::fs::metadata(format!("/proc/{pid}")).is_ok() => {
-                    // It runs but cannot be watched: not "crashed" (that would let a
-                    // second writer start), but active, with the reason.
-                    self.update(&e.name, &handle, |s| {
-                        s.state = VmState::Running;
-                        s.pid = Some(pid);
-                        s.last_exit = Some(ExitRecord {
-                            at_ms: now_ms(),
-                            reason: format!("the VMM runs but cannot be adopted: {err}"),
-                            ..ExitRecord::default()
-                        });
-                    });
-                }
-                _ => {
-                    self.update(&e.name, &handle, |s| {
-                        s.state = VmState::Crashed;
-                        s.pid = None;
-                        s.last_exit = Some(ExitRecord {
-                            at_ms: now_ms(),
-                            reason: match &unreadable {
-                                Some(why) => format!(
-                                    "status.json was unreadable when the daemon restarted \
-                                     ({why}), and no VMM ran for the VM"
-                                ),
-                                None => "the VMM was gone when the daemon restarted".into(),
-                            },
-                            ..ExitRecord::default()
-                        });
-                    });
-                }
+                None => false,
+            };
+            if watched {
+                adopted.push(e.name);
+                continue;
             }
+            self.update(&e.name, &handle, |s| {
+                s.state = VmState::Crashed;
+                s.pid = None;
+                s.last_exit = Some(ExitRecord {
+                    at_ms: now_ms(),
+                    reason: match &unreadable {
+                        Some(why) => format!(
+                            "status.json was unreadable when the daemon restarted \
+                             ({why}), and no VMM ran for the VM"
+                        ),
+                        None => "the VMM was gone when the daemon restarted".into(),
+                    },
+                    ..ExitRecord::default()
+                });
+            });
         }
         Ok(adopted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+
+    /// A supervisor over a fresh store with one VM (never started by it), the VM's
+    /// folder, and the temporary directory that holds both.
+    fn rig() -> (Arc<Supervisor>, PathBuf, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = VmStore::open(tmp.path().join("vms")).expect("store");
+        let def = VmDefinition::from_json(
+            r#"{"name":"vm","vcpus":1,"memory_mib":64,
+                "boot":{"kind":"kernel","kernel":"kernel.elf"}}"#,
+        )
+        .expect("def");
+        let dir = store.create(&def).expect("create");
+        let mut cfg = SupervisorConfig::new("/nonexistent");
+        cfg.stop_timeout = Duration::from_secs(5);
+        (Supervisor::new(store, cfg, Arc::new(NoHandover)), dir, tmp)
+    }
+
+    /// A stand-in VMM of `dir` that is not its supervisor's child in any way that
+    /// matters (it is watched through /proc only): a shell blocked reading the pipe
+    /// on its stdin, whose command line names `--vm-dir dir`. It ends on SIGTERM, and
+    /// by itself when the pipe closes. Returned once it runs: spawn() returns as soon
+    /// as exec has replaced the memory, before the new command line is in place.
+    fn fake_vmm(dir: &Path) -> Child {
+        use std::io::BufRead;
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "echo ready; read x", "fake-vmm", "--vm-dir"])
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready");
+        assert_eq!(line, "ready\n");
+        child
+    }
+
+    /// As recover() does for a VMM it found, with the pidfd given.
+    fn adopt(sup: &Arc<Supervisor>, dir: &Path, pid: u32, pidfd: std::io::Result<OwnedFd>) -> bool {
+        let (status_tx, _) = watch::channel(VmStatus::default());
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let handle = Arc::new(VmHandle {
+            status: status_tx,
+            ctl: ctl_tx,
+        });
+        sup.vms
+            .lock()
+            .expect("lock")
+            .insert("vm".into(), handle.clone());
+        sup.watch_adopted("vm", dir, &handle, ctl_rx, pid, pidfd)
+    }
+
+    fn no_pidfd() -> std::io::Result<OwnedFd> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vmm_without_a_pidfd_is_polled_and_can_be_stopped() {
+        let (sup, dir, _tmp) = rig();
+        let mut vmm = fake_vmm(&dir);
+        assert!(adopt(&sup, &dir, vmm.id(), no_pidfd()));
+        let st = sup.status("vm").expect("status");
+        assert_eq!((st.state, st.pid), (VmState::Running, Some(vmm.id())));
+        assert!(
+            st.last_exit.expect("why").reason.contains("polling"),
+            "the reason is shown"
+        );
+        assert!(
+            sup.start("vm").await.is_err(),
+            "no second VMM beside a polled one"
+        );
+        let st = sup.stop("vm").await.expect("stop");
+        assert_eq!(st.state, VmState::Stopped);
+        assert!(st.last_exit.expect("exit").requested);
+        let end = vmm.wait().expect("wait");
+        assert_eq!(end.signal(), Some(libc::SIGTERM));
+        assert_eq!(
+            sup.store().status("vm").expect("record").state,
+            VmState::Stopped
+        );
+        sup.delete("vm").expect("delete once stopped");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_polled_vmm_can_be_killed() {
+        let (sup, dir, _tmp) = rig();
+        let mut vmm = fake_vmm(&dir);
+        assert!(adopt(&sup, &dir, vmm.id(), no_pidfd()));
+        let st = sup.kill("vm").await.expect("kill");
+        assert_eq!(st.state, VmState::Stopped);
+        assert_eq!(vmm.wait().expect("wait").signal(), Some(libc::SIGKILL));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_polled_vmm_that_ends_by_itself_is_recorded() {
+        let (sup, dir, _tmp) = rig();
+        let mut vmm = fake_vmm(&dir);
+        assert!(adopt(&sup, &dir, vmm.id(), no_pidfd()));
+        // EOF on its stdin: the shell exits (and is a zombie until reaped below, which
+        // the poll must take for gone too).
+        drop(vmm.stdin.take());
+        let st = sup
+            .wait_for("vm", Duration::from_secs(30), |s| !s.state.is_active())
+            .await
+            .expect("wait");
+        assert_eq!(st.state, VmState::Crashed);
+        let exit = st.last_exit.expect("exit");
+        assert!(!exit.requested, "{exit:?}");
+        assert_eq!(st.pid, None);
+        vmm.wait().expect("reap");
+    }
+
+    #[test]
+    fn a_delete_is_refused_before_anything_goes_while_an_unsupervised_vmm_runs() {
+        let (sup, dir, _tmp) = rig();
+        let mut vmm = fake_vmm(&dir);
+        let e = sup
+            .check_delete("vm")
+            .expect_err("an unsupervised VMM runs");
+        assert!(
+            matches!(e, SupervisorError::Unsupervised { pid, .. } if pid == vmm.id()),
+            "{e}"
+        );
+        assert!(sup.delete("vm").is_err());
+        assert!(dir.join("vm.json").exists());
+        drop(vmm.stdin.take());
+        vmm.wait().expect("reap");
+        sup.check_delete("vm").expect("nothing runs now");
+        sup.delete("vm").expect("delete");
+        assert!(!dir.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pidfd_of_a_process_that_is_not_the_vmm_is_not_adopted() {
+        let (sup, dir, _tmp) = rig();
+        // As if the VMM's pid had been reused by the time of pidfd_open: this test
+        // process does not name the folder.
+        let me = std::process::id();
+        let fd = pidfd_open(me).expect("pidfd_open");
+        assert!(!adopt(&sup, &dir, me, Ok(fd)));
+        // Nor is a process that is gone, pidfd or not.
+        let mut gone = fake_vmm(&dir);
+        let pid = gone.id();
+        drop(gone.stdin.take());
+        gone.wait().expect("reap");
+        assert!(!adopt(&sup, &dir, pid, no_pidfd()));
     }
 }

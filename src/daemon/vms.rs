@@ -365,6 +365,12 @@ impl Vms {
         if self.get(name).await?.status.state.is_active() {
             return Err(StoreError::Running(name.to_string()).into());
         }
+        // Its refusals (an unsupervised VMM found in /proc, say) come before the ports
+        // go: they are the network of a VMM that may still run. The ports need the
+        // definition, so they go before the folder does.
+        let sup = self.supervisor.clone();
+        let n = name.to_string();
+        blocking(move || Ok(sup.check_delete(&n)?)).await?;
         self.release_ports(name).await;
         let sup = self.supervisor.clone();
         let n = name.to_string();
