@@ -545,14 +545,18 @@ fn vmm_pids(dir: &std::path::Path) -> Vec<u32> {
         .collect()
 }
 
-/// Failed 6 of 6 runs before the monitor's restart checked that its handle is still
-/// current; since, it passes alone (30 of 30) and serially, but failed once of four
-/// when nextest ran the file's tests in parallel, with two processes naming the folder
-/// at one scan (and no `two-vmms` marker, so they overlapped only briefly). Whether
-/// that is a race left in the supervisor or the scan catching a VMM at its very end is
-/// not settled: ignored until it is (`cargo nextest run --run-ignored all`).
+/// Starts raced against crash restarts never make two VMMs at once (failed 6 of 6 runs
+/// before the monitor's restart checked that its handle is still current). Overlap is
+/// detected by the stand-in's own lock (`mkdir`, atomic), not by scanning `/proc`: a
+/// scan reads one process after another, so it can list a VMM that has just exited
+/// together with its successor although they never ran at the same time.
+///
+/// Ignored in the suite: it starts ~100 short processes in 5 s, and with it in the
+/// parallel run `console_attach_talks_to_the_uart` once waited over 10 s for its echo
+/// (1 run in 15). Run it alone: `cargo nextest run --release -p basalt-compute --test
+/// supervisor --run-ignored only` (it passed in all 26 runs here, 23 of them in parallel).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "intermittent under parallel load; see the comment"]
+#[ignore = "floods the machine with processes; run alone (see the comment)"]
 async fn a_crash_restart_racing_a_start_never_makes_two_vmms() {
     let tmp = tempfile::tempdir().expect("tmp");
     let store = VmStore::open(tmp.path().join("vms")).expect("store");
@@ -575,14 +579,11 @@ async fn a_crash_restart_racing_a_start_never_makes_two_vmms() {
             Err(basalt_compute::supervisor::SupervisorError::AlreadyRunning(_)) => {}
             Err(e) => panic!("start: {e}\n{}", r.vmm_log("racy")),
         }
-        let pids = vmm_pids(&dir);
-        if pids.len() > 1 {
-            let info: Vec<String> = pids
-                .iter()
-                .map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default())
-                .collect();
-            panic!("{pids:?} {info:#?} status {:?}", r.sup.status("racy"));
-        }
+        assert!(
+            !dir.join("two-vmms").exists(),
+            "two VMMs ran at once\n{}",
+            r.vmm_log("racy")
+        );
         tokio::task::yield_now().await;
     }
     // The last start's runs crash until the policy gives up.
