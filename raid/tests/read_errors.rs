@@ -77,6 +77,30 @@ impl Fixture {
         self.a.status().members[role].clone()
     }
 
+    /// Fails member `gone`, gives `victim` a bad block (block 1 of stripe `s`'s chunk,
+    /// healed by rewriting), and adds a spare (write cache off), which starts a rebuild. Returns the rule.
+    async fn bad_sector_then_spare(
+        &self,
+        gone: usize,
+        victim: usize,
+        s: u64,
+    ) -> basalt_blockdev::fault::RuleId {
+        self.a.fail_member(gone).await.unwrap();
+        let off = self.member_off(s, 1);
+        let id = self.fs[victim].add_rule(
+            ErrorRule::new(FaultOp::Read)
+                .range(off..off + 4096)
+                .until_rewritten(),
+        );
+        let spare = Arc::new(FaultDev::new(mem(SIZE)));
+        spare.set_write_cache(false);
+        self.a
+            .add_spare(Device::new("spare", spare as SharedBlockDev))
+            .await
+            .unwrap();
+        id
+    }
+
     /// Runs a check-only scrub to its end and returns what it found.
     async fn scrub(&self) -> basalt_raid::ScrubReport {
         self.a.start_scrub(false).await.unwrap();
@@ -537,18 +561,7 @@ async fn scrub_corrects_unreadable_blocks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_corrects_a_bad_sector_on_a_survivor() {
     let f = fixture(Level::Raid6).await;
-    f.a.fail_member(0).await.unwrap();
-    let off = f.member_off(9, 1);
-    let id = f.fs[2].add_rule(
-        ErrorRule::new(FaultOp::Read)
-            .range(off..off + 4096)
-            .until_rewritten(),
-    );
-    let spare = Arc::new(FaultDev::new(mem(SIZE)));
-    spare.set_write_cache(false);
-    f.a.add_spare(Device::new("spare", spare.clone() as SharedBlockDev))
-        .await
-        .unwrap();
+    let id = f.bad_sector_then_spare(0, 2, 9).await;
     f.a.wait_idle().await;
     let st = f.a.status();
     assert!(
@@ -847,18 +860,7 @@ async fn rebuild_stops_at_an_unrebuildable_sector() {
     let s = 9;
     let map = l.stripe_map(s);
     let (gone, victim) = (map.columns[0][0], map.columns[1][0]);
-    f.a.fail_member(gone).await.unwrap();
-    let off = f.member_off(s, 1);
-    f.fs[victim].add_rule(
-        ErrorRule::new(FaultOp::Read)
-            .range(off..off + 4096)
-            .until_rewritten(),
-    );
-    let spare = Arc::new(FaultDev::new(mem(SIZE)));
-    spare.set_write_cache(false);
-    f.a.add_spare(Device::new("spare", spare.clone() as SharedBlockDev))
-        .await
-        .unwrap();
+    f.bad_sector_then_spare(gone, victim, s).await;
     // Returns: the rebuild stopped and is not due again.
     f.a.wait_idle().await;
 
