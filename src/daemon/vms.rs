@@ -199,23 +199,12 @@ impl Vms {
                         users.push(e.name);
                     }
                 }
-                Err(bad) => match vm_active(&self.supervisor, &e.name) {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        return Err(ApiError::Conflict(format!(
-                            "cannot check that no VM uses LUN {wanted:?}: VM {:?} is running \
-                             but its definition cannot be read ({bad})",
-                            e.name
-                        )))
-                    }
-                    Err(why) => {
-                        return Err(ApiError::Conflict(format!(
-                            "cannot check that no VM uses LUN {wanted:?}: VM {:?} has an \
-                             unreadable definition ({bad}) and state ({why})",
-                            e.name
-                        )))
-                    }
-                },
+                Err(bad) => unknown_user(&e.name, bad, |n| vm_active(&self.supervisor, n))
+                    .map_err(|why| {
+                        ApiError::Conflict(format!(
+                            "cannot check that no VM uses LUN {wanted:?}: {why}"
+                        ))
+                    })?,
             }
         }
         Ok(users)
@@ -603,25 +592,33 @@ fn active_users(
                     users.push(e.name);
                 }
             }
-            Err(bad) => {
-                let on = active(&e.name).map_err(|why| {
-                    format!(
-                        "VM {:?} has an unreadable definition ({bad}) and its state \
-                         cannot be read: {why}",
-                        e.name
-                    )
-                })?;
-                if on {
-                    return Err(format!(
-                        "VM {:?} is running but its definition cannot be read ({bad}), \
-                         so what it uses is unknown",
-                        e.name
-                    ));
-                }
-            }
+            Err(bad) => unknown_user(&e.name, bad, &active)?,
         }
     }
     Ok(users)
+}
+
+/// A VM whose definition cannot be read (`bad`) may use anything: fine only if it is
+/// known not to run (it cannot start again before its definition parses, and that
+/// start is checked).
+fn unknown_user(
+    name: &str,
+    bad: &impl std::fmt::Display,
+    active: impl Fn(&str) -> Result<bool, String>,
+) -> Result<(), String> {
+    let on = active(name).map_err(|why| {
+        format!(
+            "VM {name:?} has an unreadable definition ({bad}) and its state cannot be \
+             read: {why}"
+        )
+    })?;
+    if on {
+        return Err(format!(
+            "VM {name:?} is running but its definition cannot be read ({bad}), so what it \
+             uses is unknown"
+        ));
+    }
+    Ok(())
 }
 
 /// Who a switch port named `port`, made for NIC `nic` of VM `def`, may belong to
