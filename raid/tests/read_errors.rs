@@ -26,11 +26,22 @@ struct Fixture {
 }
 
 async fn fixture_with(level: Level, cfg: impl FnOnce(ArrayConfig) -> ArrayConfig) -> Fixture {
-    let n = members_for(level);
-    let fs = fault_members(n, SIZE, false);
+    let fs = fault_members(members_for(level), SIZE, false);
+    let devs = devices(&fs);
+    fixture_over(level, cfg, fs, devs).await
+}
+
+/// An array over `devs` (devices over the fault members `fs`, possibly wrapped),
+/// filled with a pattern.
+async fn fixture_over(
+    level: Level,
+    cfg: impl FnOnce(ArrayConfig) -> ArrayConfig,
+    fs: Vec<Arc<FaultDev>>,
+    devs: Vec<Device>,
+) -> Fixture {
     let a = Array::create(
         cfg(ArrayConfig::new("t", level).chunk(CHUNK as u32)),
-        devices(&fs),
+        devs,
         vec![],
     )
     .await
@@ -754,31 +765,8 @@ async fn dropped_read_keeps_the_stripe_locked_until_its_rewrite_is_done() {
             .enumerate()
             .map(|(i, d)| Device::new(format!("d{i}"), d.clone() as SharedBlockDev))
             .collect();
-        let a = Array::create(
-            ArrayConfig::new("t", level).chunk(CHUNK as u32),
-            devs,
-            vec![],
-        )
-        .await
-        .expect("create");
-        let cap = a.geometry().capacity_bytes();
-        let data = pattern(level.number() as u64 + 11, cap as usize);
-        a.write(0, Bytes::from(data.clone()), WriteFlags::default())
-            .await
-            .unwrap();
-        a.flush().await.unwrap();
-        a.wait_idle().await;
-        let data_offset = examine(&(fs[0].clone() as SharedBlockDev))
-            .await
-            .unwrap()
-            .meta
-            .data_offset;
-        let f = Fixture {
-            fs,
-            a,
-            data,
-            data_offset,
-        };
+        let f = fixture_over(level, |c| c, fs, devs).await;
+        f.a.wait_idle().await;
 
         let s = 4;
         let (victim, at) = f.reader(s, 0);
