@@ -144,6 +144,61 @@ pub trait BlockDev: Send + Sync + 'static {
             kind: ExtentKind::Data,
         }])
     }
+
+    /// For a device whose blocks are bytes of a buffered file: `[offset, offset + len)`
+    /// as a range of that file, when the page cache holds all of it, so that a caller
+    /// that can (an NBD reply on plain TCP) sends it with `sendfile(2)` straight from the
+    /// page cache instead of copying it into memory and out to the socket again. Until
+    /// the returned range is dropped it holds the device's range lock as a read does
+    /// (writes may run; a compare-and-write waits). `Ok(None)`, the default, when the
+    /// device cannot or the range is not all cached: the caller then reads.
+    async fn cached_range(&self, offset: u64, len: u64) -> Result<Option<CachedRange>> {
+        check_range(&self.geometry(), offset, len)?;
+        Ok(None)
+    }
+}
+
+/// A range of an open file that the page cache held when it was handed out, and a
+/// read's share of the range lock of the device it belongs to (see
+/// [`BlockDev::cached_range`]).
+#[derive(Debug)]
+pub struct CachedRange {
+    file: Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+    _lock: OwnedRangeGuard,
+}
+
+impl CachedRange {
+    /// The range `[offset, offset + len)` of `file`, holding `lock` while it lives.
+    pub fn new(file: Arc<std::fs::File>, offset: u64, len: u64, lock: OwnedRangeGuard) -> Self {
+        CachedRange {
+            file,
+            offset,
+            len,
+            _lock: lock,
+        }
+    }
+
+    /// The file.
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Where the range starts in the file.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// How a run of blocks is provisioned.
@@ -211,6 +266,9 @@ impl<T: BlockDev + ?Sized> BlockDev for Arc<T> {
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         (**self).block_status(offset, len).await
+    }
+    async fn cached_range(&self, offset: u64, len: u64) -> Result<Option<CachedRange>> {
+        (**self).cached_range(offset, len).await
     }
 }
 

@@ -484,6 +484,7 @@ async fn run_basalt(
         inline_reads: after.inline_reads - before.inline_reads,
         inline_writes: after.inline_writes - before.inline_writes,
         inline_write_pauses: after.inline_write_pauses - before.inline_write_pauses,
+        cached_ranges: after.cached_ranges - before.cached_ranges,
     };
     let iops = ops as f64 / elapsed;
     let n = ops.max(1) as f64;

@@ -103,6 +103,8 @@ pub struct DriverStats {
     pub inline_writes: u64,
     /// Times a slow inline write paused inline writes.
     pub inline_write_pauses: u64,
+    /// Page-cache ranges handed out for zero-copy sending (`BlockDev::cached_range`).
+    pub cached_ranges: u64,
 }
 
 /// Published by the thread once per loop, on a cache line of their own, so that

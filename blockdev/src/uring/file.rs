@@ -7,8 +7,8 @@ use super::{
 };
 use crate::{
     check_compare_and_write, check_range, first_difference, AlignedBuf, BlockDev, BlockError,
-    Capabilities, CompareOutcome, Extent, ExtentKind, Geometry, OwnedRangeGuard, RangeLocks,
-    Result, WriteFlags, ZeroFlags,
+    CachedRange, Capabilities, CompareOutcome, Extent, ExtentKind, Geometry, OwnedRangeGuard,
+    RangeLocks, Result, WriteFlags, ZeroFlags,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -65,6 +65,9 @@ struct Inline {
     read_count: AtomicU64,
     write_count: AtomicU64,
     pauses: AtomicU64,
+    cached_ranges: AtomicU64,
+    /// `cached_range` may ask `cachestat(2)`; cleared on a kernel without it.
+    cachestat: AtomicBool,
 }
 
 /// Writes go through the ring (O_DIRECT, or inline I/O turned off).
@@ -95,6 +98,8 @@ impl Inline {
             read_count: AtomicU64::new(0),
             write_count: AtomicU64::new(0),
             pauses: AtomicU64::new(0),
+            cached_ranges: AtomicU64::new(0),
+            cachestat: AtomicBool::new(enabled),
         }
     }
 
@@ -303,6 +308,7 @@ impl UringFile {
             inline_reads: self.inline.read_count.load(Ordering::Relaxed),
             inline_writes: self.inline.write_count.load(Ordering::Relaxed),
             inline_write_pauses: self.inline.pauses.load(Ordering::Relaxed),
+            cached_ranges: self.inline.cached_ranges.load(Ordering::Relaxed),
             ..self.driver.stats()
         }
     }
@@ -704,6 +710,36 @@ impl BlockDev for UringFile {
             }]);
         }
         self.file_block_status(offset, len).await
+    }
+
+    /// Buffered files with inline reads (the page cache is what a read would copy from):
+    /// the range if `cachestat(2)` finds every page cached. Pages evicted between the
+    /// check and the `sendfile` are read from the disk by the kernel then, as a read
+    /// would; the check only keeps the usual case from waiting for the disk on the
+    /// caller's thread.
+    async fn cached_range(&self, offset: u64, len: u64) -> Result<Option<CachedRange>> {
+        check_range(&self.geometry, offset, len)?;
+        if len == 0
+            || !self.inline.reads.load(Ordering::Relaxed)
+            || !self.inline.cachestat.load(Ordering::Relaxed)
+            || !self.driver.is_running()
+        {
+            return Ok(None);
+        }
+        let lock = self.locks.shared_owned(offset, len).await;
+        match sys::fully_cached(&self.file, offset, len) {
+            Ok(true) => {
+                self.inline.cached_ranges.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(CachedRange::new(self.file.clone(), offset, len, lock)))
+            }
+            Ok(false) => Ok(None),
+            // No cachestat (a kernel before 6.5): stop asking.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                self.inline.cachestat.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(_) => Ok(None),
+        }
     }
 }
 
@@ -1476,6 +1512,109 @@ mod tests {
         };
         assert_reads(&f, 4096, &small, "not cached").await;
         assert_reads(&f, 2 << 20, &data, "not cached").await;
+    }
+
+    /// Evicts `[offset, offset + len)` of `f`'s file from the page cache (after a
+    /// flush, so the pages are clean and can go).
+    async fn evict(f: &UringFile, offset: u64, len: u64) {
+        f.flush().await.unwrap();
+        let file = std::fs::File::open(f.path()).unwrap();
+        // SAFETY: plain advice on a descriptor we own.
+        let r = unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_ranges_only_of_what_the_page_cache_holds_and_they_hold_the_range_lock() {
+        use std::os::unix::fs::FileExt;
+        let (_dir, f) = buffered_file("cached", 4 << 20);
+        let data = pattern(5, 1 << 20);
+        f.write(1 << 20, data.clone(), WriteFlags::default())
+            .await
+            .unwrap();
+        // Written through the page cache: all of it is there.
+        let r = f.cached_range(1 << 20, 1 << 20).await.unwrap().unwrap();
+        assert_eq!((r.offset(), r.len()), (1 << 20, 1 << 20));
+        let mut back = vec![0u8; 1 << 20];
+        r.file().read_exact_at(&mut back, r.offset()).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(f.driver_stats().cached_ranges, 1);
+
+        // While it lives, a compare-and-write of the range waits (it needs the range to
+        // itself); plain writes do not.
+        let f = Arc::new(f);
+        let caw = {
+            let f = f.clone();
+            let cmp = data.slice(0..4096);
+            tokio::spawn(async move {
+                f.compare_and_write(1 << 20, cmp, pattern(6, 4096), WriteFlags::default())
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !caw.is_finished(),
+            "compare-and-write ran under a cached range"
+        );
+        f.write(2 << 20, pattern(7, 4096), WriteFlags::default())
+            .await
+            .unwrap();
+        drop(r);
+        assert_eq!(caw.await.unwrap().unwrap(), CompareOutcome::Written);
+
+        // Evicted, then partly read back: the range is not all there, so none.
+        evict(&f, 0, 4 << 20).await;
+        assert!(f.cached_range(1 << 20, 1 << 20).await.unwrap().is_none());
+        let mut want = data.to_vec();
+        want[..4096].copy_from_slice(&pattern(6, 4096));
+        // (Readahead may bring in more than was read, but not the whole megabyte.)
+        assert_reads(&*f, 1 << 20, &want[..64 << 10], "the start").await;
+        assert!(f.cached_range(1 << 20, 1 << 20).await.unwrap().is_none());
+        assert!(f.cached_range(1 << 20, 64 << 10).await.unwrap().is_some());
+        // Read back in full, it is all there again.
+        assert_reads(&*f, 1 << 20, &want, "after eviction").await;
+        assert!(f.cached_range(1 << 20, 1 << 20).await.unwrap().is_some());
+        // The usual checks, as for a read.
+        assert!(matches!(
+            f.cached_range(100, 4096).await,
+            Err(BlockError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            f.cached_range(4 << 20, 4096).await,
+            Err(BlockError::OutOfRange { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn no_cached_ranges_from_o_direct_or_without_inline_io_or_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, o) in [
+            (
+                "off",
+                UringOptions {
+                    cached_io_inline: false,
+                    ..opts(DirectMode::Off, 512)
+                },
+            ),
+            ("direct", opts(DirectMode::Require, 4096)),
+        ] {
+            let p = dir.path().join(name);
+            create_sparse_file(&p, 1 << 20).unwrap();
+            let f = UringFile::open(&p, &o).unwrap();
+            f.write(0, pattern(8, 65536), WriteFlags::default())
+                .await
+                .unwrap();
+            assert!(f.cached_range(0, 65536).await.unwrap().is_none(), "{name}");
+        }
+        let m = crate::MemDev::new(128, 512);
+        assert!(m.cached_range(0, 65536).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -95,6 +95,55 @@ pub(super) fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Resu
     Ok(r as usize)
 }
 
+/// `cachestat(2)` (Linux 6.5); the generic system call table gives it one number on
+/// every architecture, and the `libc` crate does not list it for x86_64 yet.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Whether the page cache holds every page of `[offset, offset + len)` of `file`:
+/// `Ok(false)` when some page is missing, an error when the kernel has no `cachestat`
+/// (ENOSYS) or refuses the file.
+pub(super) fn fully_cached(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    // SAFETY: both pointers are to live, properly laid out structs (`struct
+    // cachestat_range` and `struct cachestat` of the kernel's uapi) for the duration of
+    // the call; the kernel only writes `stat`.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Pages the range touches, partial ones at either end included.
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => 4096,
+    };
+    let pages = (offset + len).div_ceil(page) - offset / page;
+    Ok(stat.nr_cache >= pages)
+}
+
 /// Writes `data` at `offset` with `pwritev2(flags)` until all is written or the kernel
 /// fails; EINTR is retried. Returns how much was written and the error that stopped it.
 pub(super) fn pwrite(file: &File, data: &[u8], offset: u64, flags: i32) -> (usize, io::Result<()>) {

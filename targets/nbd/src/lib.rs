@@ -131,7 +131,7 @@ pub use transmission::{
     check_request, CheckError, Command, CommandKind, Decoded, FrameError, Request, RequestHeader,
     Session, StatusExtent,
 };
-pub use wire::Output;
+pub use wire::{FileRange, Output};
 
 #[cfg(feature = "server")]
 pub use server::{

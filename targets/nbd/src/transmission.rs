@@ -26,7 +26,7 @@ use crate::proto::{
     cmd, cmd_flags, reply_flags, reply_type, tx_flags, MAX_PAYLOAD, REQUEST_HEADER_LEN,
     REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
-use crate::wire::Output;
+use crate::wire::{FileRange, Output};
 use bytes::{Buf, Bytes, BytesMut};
 
 /// Zero runs in read data are sent as holes at this granularity (aligned to the export
@@ -525,6 +525,31 @@ impl Session {
         out.put_slice(msg);
     }
 
+    /// Replies to a read with a file range the page cache holds, as one data chunk
+    /// (`OFFSET_DATA`; zeroes in it are not looked for, which only costs bandwidth).
+    pub fn reply_read_file(
+        &self,
+        out: &mut Output,
+        handle: u64,
+        offset: u64,
+        range: Box<dyn FileRange>,
+    ) {
+        if !self.structured {
+            self.simple(out, handle, 0);
+            out.put_file(range);
+            return;
+        }
+        if range.is_empty() {
+            self.chunk(out, reply_flags::DONE, reply_type::NONE, handle, 0);
+            return;
+        }
+        // The request's length (at most MAX_PAYLOAD) bounds the range's.
+        let len = u32::try_from(8 + range.len()).unwrap_or(u32::MAX);
+        self.chunk(out, reply_flags::DONE, reply_type::OFFSET_DATA, handle, len);
+        out.put_u64(offset);
+        out.put_file(range);
+    }
+
     /// The data of a successful READ at `offset`: `pieces` are consecutive and cover
     /// the request exactly. `df` is the client's don't-fragment flag.
     pub fn reply_read(
@@ -933,7 +958,7 @@ mod tests {
         let s = Session::new(&neg(1 << 20, false, false, false, false));
         let mut out = Output::new();
         s.reply_read(&mut out, 9, 0, std::slice::from_ref(&data), false);
-        let bytes = out.take();
+        let bytes = out.take().unwrap();
         assert_eq!(bytes.len(), 16 + 4096);
         assert_eq!(&bytes[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
 
@@ -945,7 +970,7 @@ mod tests {
         let pieces = [Bytes::from(buf)];
         let mut out = Output::new();
         s.reply_read(&mut out, 9, 0, &pieces, false);
-        let replies = parse_replies(&out.take(), true);
+        let replies = parse_replies(&out.take().unwrap(), true);
         assert_eq!(
             replies
                 .iter()
@@ -968,12 +993,12 @@ mod tests {
         // DF: one data chunk with the zeroes present.
         let mut out = Output::new();
         s.reply_read(&mut out, 9, 0, &pieces, true);
-        let replies = parse_replies(&out.take(), true);
+        let replies = parse_replies(&out.take().unwrap(), true);
         assert_eq!(replies.len(), 1);
         // Errors on READ are structured.
         let mut out = Output::new();
         s.reply_error(&mut out, 9, NbdErrno::Io, "boom");
-        match &parse_replies(&out.take(), true)[0] {
+        match &parse_replies(&out.take().unwrap(), true)[0] {
             Reply::Chunk { kind, payload, .. } => {
                 assert_eq!(*kind, reply_type::ERROR);
                 assert_eq!(&payload[..4], &5u32.to_be_bytes());

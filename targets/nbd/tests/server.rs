@@ -690,3 +690,101 @@ async fn a_unix_socket_listener_serves_outside_the_configuration() {
     server.stop(Duration::from_secs(5)).await;
     assert!(!path.exists(), "the socket file outlived the server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_reads_of_a_cached_file_go_out_from_the_page_cache_intact() {
+    use basalt_blockdev::{DirectMode, UringFile, UringOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk");
+    let size = 8usize << 20;
+    let content: Vec<u8> = (0..size as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, &content).unwrap();
+    let file = Arc::new(
+        UringFile::open(
+            &path,
+            &UringOptions {
+                direct: DirectMode::Off,
+                block_size: Some(512),
+                ..UringOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let mut devices = Devices::new();
+    devices.insert("lun0".into(), file.clone() as SharedBlockDev);
+    let (server, addr) = start(config(&["lun0"]), devices).await;
+    let content = Arc::new(content);
+    // (offset, length): from the page cache when at least 64 KiB and block-aligned.
+    let reads: [(u64, u32); 6] = [
+        (0, 1 << 20),
+        (512, 65536),
+        (3 << 20, 4 << 20),
+        (7 << 20, 1 << 20),
+        (4096, 4096),
+        (1000, 100_000),
+    ];
+    let from_cache = 4;
+    let c2 = content.clone();
+    blocking(move || {
+        for structured in [true, false] {
+            let o = ClientOptions {
+                structured,
+                block_sizes: false,
+                ..ClientOptions::default()
+            };
+            let mut c = connect(addr, "lun0", &o).unwrap();
+            // One at a time, then all pipelined with a small write among them that
+            // touches none of them.
+            for &(off, len) in &reads {
+                let got = data_of(c.read(off, len).unwrap());
+                assert!(got == c2[off as usize..][..len as usize], "{off}+{len}");
+            }
+            let mut expect = std::collections::BTreeMap::new();
+            for &(off, len) in &reads {
+                expect.insert(c.send(cmd::READ, 0, off, len, &[]).unwrap(), (off, len));
+            }
+            let w = c.send(cmd::WRITE, 0, 2 << 20, 4096, &c2[2 << 20..][..4096]);
+            let w = w.unwrap();
+            for _ in 0..=reads.len() {
+                let (h, o) = c.recv().unwrap();
+                if h == w {
+                    assert_eq!(o.errno(), 0);
+                    continue;
+                }
+                let (off, len) = expect.remove(&h).unwrap();
+                let got = data_of(o);
+                assert!(got == c2[off as usize..][..len as usize], "{off}+{len}");
+            }
+            c.disconnect().unwrap();
+        }
+    })
+    .await;
+    let sent = file.driver_stats().cached_ranges;
+    assert_eq!(sent, 2 * 2 * from_cache, "{:?}", file.driver_stats());
+
+    // Out of the page cache, the same reads are read (and then cached) as usual.
+    file.flush().await.unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    // SAFETY: plain advice on a descriptor we own.
+    let r = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(r, 0);
+    let c2 = content.clone();
+    blocking(move || {
+        let mut c = connect(addr, "lun0", &ClientOptions::default()).unwrap();
+        let got = data_of(c.read(5 << 20, 1 << 20).unwrap());
+        assert!(got == c2[5 << 20..][..1 << 20]);
+        c.disconnect().unwrap();
+    })
+    .await;
+    assert_eq!(file.driver_stats().cached_ranges, sent);
+    server.stop(Duration::from_secs(5)).await;
+}

@@ -130,6 +130,92 @@ impl RecvLowat {
     }
 }
 
+/// A stream that can send a range of a file without copying it through user space
+/// (`sendfile(2)`): plain TCP and unix sockets. TLS cannot (the bytes are encrypted in
+/// user space), nor can test streams; for them reads are copied as usual.
+pub(crate) trait SendFile {
+    /// Whether [`SendFile::poll_send_file`] works.
+    fn can_send_file(&self) -> bool {
+        false
+    }
+
+    /// Sends up to `len` bytes of `file` from `offset`; returns how many went out (0
+    /// only at the file's end).
+    fn poll_send_file(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _file: &std::fs::File,
+        _offset: u64,
+        _len: usize,
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
+    }
+}
+
+/// `SendFile` for a tokio socket type: wait until writable, `sendfile` once, and on
+/// EAGAIN clear the readiness and wait again.
+macro_rules! send_file_socket {
+    ($($t:ty),*) => {$(
+        impl SendFile for $t {
+            fn can_send_file(&self) -> bool {
+                true
+            }
+
+            fn poll_send_file(
+                &mut self,
+                cx: &mut Context<'_>,
+                file: &std::fs::File,
+                offset: u64,
+                len: usize,
+            ) -> Poll<io::Result<usize>> {
+                use std::os::fd::AsRawFd;
+                loop {
+                    if let Err(e) = std::task::ready!(self.poll_write_ready(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                    let sock = self.as_raw_fd();
+                    match self.try_io(tokio::io::Interest::WRITABLE, || {
+                        send_file_once(sock, file, offset, len)
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => return Poll::Ready(r),
+                    }
+                }
+            }
+        }
+    )*};
+}
+
+send_file_socket!(tokio::net::TcpStream, tokio::net::UnixStream);
+
+impl<S> SendFile for tokio_rustls::server::TlsStream<S> {}
+
+/// One `sendfile(2)` of up to `len` bytes of `file` at `offset` to the socket `sock`;
+/// EINTR is retried.
+fn send_file_once(
+    sock: std::os::fd::RawFd,
+    file: &std::fs::File,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+    loop {
+        // SAFETY: both descriptors are open for the call (the socket belongs to the
+        // stream the caller borrows, the file to its range); `off` is a live off_t the
+        // kernel updates.
+        let r = unsafe { libc::sendfile(sock, file.as_raw_fd(), &mut off, len) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Serves one accepted connection (TCP, or a unix socket whose peers count as
 /// loopback) to its end.
 pub(crate) async fn serve<S>(
@@ -139,7 +225,7 @@ pub(crate) async fn serve<S>(
     shared: Arc<Shared>,
     signals: Signals,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + SendFile + Unpin + Send,
 {
     let kill = signals.kill.clone();
     tokio::select! {
@@ -153,7 +239,7 @@ enum Phase2<S> {
     Tls(Box<tokio_rustls::server::TlsStream<S>>),
 }
 
-async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin + Send>(
+async fn serve_inner<S: AsyncRead + AsyncWrite + SendFile + Unpin + Send>(
     mut tcp: S,
     lowat: RecvLowat,
     peer: SocketAddr,
@@ -347,13 +433,15 @@ struct Driver<S> {
     max_in_flight: usize,
     session: Session,
     export: Arc<ExportHandle>,
+    /// Large cached reads are sent with `sendfile(2)` ([`SendFile`]).
+    send_file: bool,
     /// No more requests are read: stopping, DISC received, or EOF.
     draining: bool,
     eof: bool,
     needs_flush: bool,
 }
 
-async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
+async fn transmit<S: AsyncRead + AsyncWrite + SendFile + Unpin>(
     io: S,
     inbuf: BytesMut,
     neg: &Negotiated,
@@ -367,7 +455,9 @@ async fn transmit<S: AsyncRead + AsyncWrite + Unpin>(
         export: export.clone(),
         id: conn.0,
     };
+    let send_file = io.can_send_file();
     let mut d = Driver {
+        send_file,
         io,
         inbuf,
         payload: None,
@@ -420,7 +510,7 @@ async fn drain_signal(a: &CancellationToken, b: &CancellationToken, c: &Cancella
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
+impl<S: AsyncRead + AsyncWrite + SendFile + Unpin> Driver<S> {
     fn can_accept(&self) -> bool {
         !self.draining
             && self.inflight.len() < self.max_in_flight
@@ -440,6 +530,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             }
 
             while !self.out.is_empty() {
+                if let Some((file, offset, len)) = self.out.front_file() {
+                    match self.io.poll_send_file(cx, file, offset, len) {
+                        // The reply's header promised these bytes and has gone out: a
+                        // file that shrank since leaves the connection nothing to do
+                        // but end.
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the exported file ended inside a read's reply",
+                            )))
+                        }
+                        Poll::Ready(Ok(w)) => {
+                            self.out.advance(w);
+                            self.needs_flush = true;
+                            progress = true;
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => break,
+                    }
+                }
                 let mut slices = [IoSlice::new(&[]); 64];
                 let n = self.out.io_slices(&mut slices);
                 match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
@@ -652,10 +763,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                 self.inflight_bytes += cost;
                 let dev = self.export.device.clone();
                 let read_only = self.export.read_only.load(Ordering::Relaxed);
+                let send_file = self.send_file;
                 let handle = r.handle;
                 let started = Instant::now();
                 self.inflight.push(Box::pin(async move {
-                    let completion = exec::execute(dev, r.command, read_only).await;
+                    let completion = exec::execute(dev, r.command, read_only, send_file).await;
                     Done {
                         handle,
                         kind,
@@ -679,6 +791,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             Completion::Read { offset, pieces, df } => {
                 self.session
                     .reply_read(&mut self.out, d.handle, offset, &pieces, df);
+                (true, d.bytes)
+            }
+            Completion::ReadFile { offset, range } => {
+                self.session
+                    .reply_read_file(&mut self.out, d.handle, offset, Box::new(range));
                 (true, d.bytes)
             }
             Completion::Status {
