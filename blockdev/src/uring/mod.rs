@@ -76,6 +76,13 @@
 //! - Both only up to [`INLINE_MAX_BYTES`]: larger transfers go through the ring.
 //! - Neither once the driver thread has stopped: the device is then offline, and a
 //!   write it could never flush must not be taken.
+//! - **Ranges to send as they are**: [`BlockDev::cached_range`](crate::BlockDev::cached_range)
+//!   hands a caller that writes read data to a socket (the NBD server) the file range
+//!   itself when `cachestat(2)` finds every page of it cached, holding a read's share of
+//!   the range lock until the caller drops it. The caller `sendfile`s it: the socket
+//!   takes references to the page-cache pages instead of two copies (into a buffer and
+//!   out of it), which were most of a 1 MiB read's CPU time. Not on kernels without
+//!   `cachestat` (before 6.5), nor when inline reads are off.
 //!
 //! O_DIRECT files always use the ring: their I/O always waits for the device.
 //!

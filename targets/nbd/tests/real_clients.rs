@@ -233,6 +233,30 @@ async fn nbdcopy_round_trip_is_byte_identical() {
     let m = server.metrics();
     assert!(m.exports["lun0"].commands["read"].bytes >= 2 * size as u64 - 16 * 65536);
     server.stop(Duration::from_secs(5)).await;
+
+    // A buffered file: what nbdcopy wrote is in the page cache, so its reads (256 KiB
+    // requests) go out with sendfile, over one connection and over four.
+    let path = dir.path().join("buffered.img");
+    create_sparse_file(&path, size as u64).unwrap();
+    let options = UringOptions {
+        direct: DirectMode::Off,
+        ..UringOptions::default()
+    };
+    let file = Arc::new(UringFile::open(&path, &options).unwrap());
+    let (server, addr) = serve(config(&["lun0"]), "lun0", file.clone()).await;
+    let u = uri(addr, "lun0");
+    ok("nbdcopy", &[src.to_str().unwrap(), &u]).await;
+    for (name, conns) in [
+        ("back3.img", "--connections=1"),
+        ("back4.img", "--connections=4"),
+    ] {
+        let back = dir.path().join(name);
+        ok("nbdcopy", &[conns, &u, back.to_str().unwrap()]).await;
+        ok("cmp", &[src.to_str().unwrap(), back.to_str().unwrap()]).await;
+    }
+    let s = file.driver_stats();
+    assert!(s.cached_ranges > 0, "{s:?}");
+    server.stop(Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
