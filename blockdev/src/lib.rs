@@ -148,36 +148,39 @@ pub trait BlockDev: Send + Sync + 'static {
     /// For a device whose blocks are bytes of a buffered file: `[offset, offset + len)`
     /// as a range of that file, when the page cache holds all of it, so that a caller
     /// that can (an NBD reply on plain TCP) sends it with `sendfile(2)` straight from the
-    /// page cache instead of copying it into memory and out to the socket again. Until
-    /// the returned range is dropped it holds the device's range lock as a read does
-    /// (writes may run; a compare-and-write waits). `Ok(None)`, the default, when the
-    /// device cannot or the range is not all cached: the caller then reads.
+    /// page cache instead of copying it into memory and out to the socket again.
+    /// `Ok(None)`, the default, when the device cannot or the range is not all cached:
+    /// the caller then reads.
+    ///
+    /// Not a read in the sense of the contracts above: the socket takes references to
+    /// the cached pages and their bytes are copied out (by the peer's receive, or a
+    /// NIC) when the network gets to them, possibly after writes that were issued
+    /// later. So it is **not atomic against `compare_and_write`** or any write that
+    /// overlaps it, and a caller must use it only where an overlapping write in flight
+    /// may show through, as it may for an NBD read (concurrent overlapping requests
+    /// have no order), never for SCSI's COMPARE AND WRITE users. Holding the range lock
+    /// until the data is gone cannot be done (the kernel does not say when), and
+    /// holding it until the socket took the pages would let a client that stops
+    /// reading stall every writer of the range.
     async fn cached_range(&self, offset: u64, len: u64) -> Result<Option<CachedRange>> {
         check_range(&self.geometry(), offset, len)?;
         Ok(None)
     }
 }
 
-/// A range of an open file that the page cache held when it was handed out, and a
-/// read's share of the range lock of the device it belongs to (see
+/// A range of an open file that the page cache held when it was handed out (see
 /// [`BlockDev::cached_range`]).
 #[derive(Debug)]
 pub struct CachedRange {
     file: Arc<std::fs::File>,
     offset: u64,
     len: u64,
-    _lock: OwnedRangeGuard,
 }
 
 impl CachedRange {
-    /// The range `[offset, offset + len)` of `file`, holding `lock` while it lives.
-    pub fn new(file: Arc<std::fs::File>, offset: u64, len: u64, lock: OwnedRangeGuard) -> Self {
-        CachedRange {
-            file,
-            offset,
-            len,
-            _lock: lock,
-        }
+    /// The range `[offset, offset + len)` of `file`.
+    pub fn new(file: Arc<std::fs::File>, offset: u64, len: u64) -> Self {
+        CachedRange { file, offset, len }
     }
 
     /// The file.

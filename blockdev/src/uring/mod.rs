@@ -78,11 +78,12 @@
 //!   write it could never flush must not be taken.
 //! - **Ranges to send as they are**: [`BlockDev::cached_range`](crate::BlockDev::cached_range)
 //!   hands a caller that writes read data to a socket (the NBD server) the file range
-//!   itself when `cachestat(2)` finds every page of it cached, holding a read's share of
-//!   the range lock until the caller drops it. The caller `sendfile`s it: the socket
-//!   takes references to the page-cache pages instead of two copies (into a buffer and
-//!   out of it), which were most of a 1 MiB read's CPU time. Not on kernels without
-//!   `cachestat` (before 6.5), nor when inline reads are off.
+//!   itself when `cachestat(2)` finds every page of it cached and its two ends are
+//!   ready. The caller `sendfile`s it: the socket takes references to the page-cache
+//!   pages instead of two copies (into a buffer and out of it), which were most of a
+//!   1 MiB read's CPU time. Not on kernels without `cachestat` (before 6.5), not on
+//!   network or FUSE file systems, not when inline reads are off; and not atomic
+//!   against compare-and-write (see the method).
 //!
 //! O_DIRECT files always use the ring: their I/O always waits for the device.
 //!
@@ -93,7 +94,9 @@
 //! --compare`). Buffered writes need nothing of the kind: ext4 sends them to the workers
 //! anyway, where io_uring serialises writes to one file, as the inode lock would.
 //!
-//! Apart from those inline writes, nothing here blocks a tokio worker: the only
+//! Apart from those inline writes, and a `sendfile` of a cached range whose pages were
+//! evicted after the check (the NBD driver pauses that path after a slow one), nothing
+//! here blocks a tokio worker: the only
 //! locks taken on the runtime are the queue and relay mutexes (each held for a `Vec`
 //! push or swap) and the tokio range locks.
 //!

@@ -65,7 +65,14 @@
 //! - **1 MiB reads**: from a buffered file whose range is all cached, the reply's data
 //!   goes out with `sendfile(2)` ([`wire::FileRange`], `BlockDev::cached_range`): no
 //!   copy in the server at all (it was two: page cache to buffer, buffer to socket).
-//!   Other devices (a LUN, an O_DIRECT file), TLS, and reads under 64 KiB are copied.
+//!   Other devices (a LUN, an O_DIRECT file, a file on a network or FUSE file system),
+//!   TLS, reads under 64 KiB, unaligned reads and ranges not all cached are copied. A
+//!   `sendfile` that took over 5 ms (the pages were evicted after the check, so it
+//!   read the disk on a tokio worker) sends the connection's reads back to copying for
+//!   a second. The data is what the pages hold when the socket copies them out, so an
+//!   overlapping write in flight may show through, which NBD allows (concurrent
+//!   requests have no order); a file error after the reply's header has gone out ends
+//!   the connection.
 //! - **1 MiB writes**: the payload is read straight into its own pooled `AlignedBuf`,
 //!   with `SO_RCVLOWAT` raised to the bytes still missing (about 2.5 `recv` per
 //!   request), then written through the ring. Two copies, as in nbdkit: socket to

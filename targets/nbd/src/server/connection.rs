@@ -58,6 +58,14 @@ const READ_CHUNK: usize = 256 * 1024;
 /// received straight into an [`AlignedBuf`] of their own (see [`Payload`]).
 const OWN_BUFFER_MIN: usize = 64 * 1024;
 
+/// A `sendfile` slower than this (pages evicted after the device found them cached, so
+/// the kernel read them from the disk on this tokio worker) makes the connection copy
+/// its reads again for [`SEND_FILE_PAUSE`], as a slow inline write pauses those in
+/// blockdev: a disk that stalls holds a worker once, not at every read.
+const SLOW_SEND_FILE: Duration = Duration::from_millis(5);
+/// How long reads are copied after a slow `sendfile`.
+const SEND_FILE_PAUSE: Duration = Duration::from_secs(1);
+
 /// Signals a connection listens to.
 #[derive(Clone)]
 pub(crate) struct Signals {
@@ -435,6 +443,9 @@ struct Driver<S> {
     export: Arc<ExportHandle>,
     /// Large cached reads are sent with `sendfile(2)` ([`SendFile`]).
     send_file: bool,
+    /// After a slow `sendfile`, reads are copied again until then (see
+    /// [`SLOW_SEND_FILE`]).
+    send_file_paused_until: Option<Instant>,
     /// No more requests are read: stopping, DISC received, or EOF.
     draining: bool,
     eof: bool,
@@ -458,6 +469,7 @@ async fn transmit<S: AsyncRead + AsyncWrite + SendFile + Unpin>(
     let send_file = io.can_send_file();
     let mut d = Driver {
         send_file,
+        send_file_paused_until: None,
         io,
         inbuf,
         payload: None,
@@ -531,10 +543,16 @@ impl<S: AsyncRead + AsyncWrite + SendFile + Unpin> Driver<S> {
 
             while !self.out.is_empty() {
                 if let Some((file, offset, len)) = self.out.front_file() {
-                    match self.io.poll_send_file(cx, file, offset, len) {
+                    let began = Instant::now();
+                    let sent = self.io.poll_send_file(cx, file, offset, len);
+                    if began.elapsed() > SLOW_SEND_FILE {
+                        self.send_file_paused_until = Some(Instant::now() + SEND_FILE_PAUSE);
+                    }
+                    match sent {
                         // The reply's header promised these bytes and has gone out: a
                         // file that shrank since leaves the connection nothing to do
-                        // but end.
+                        // but end. So does an error reading the file (EIO) below: the
+                        // reply can no longer become an error reply.
                         Poll::Ready(Ok(0)) => {
                             return Poll::Ready(Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
@@ -763,7 +781,7 @@ impl<S: AsyncRead + AsyncWrite + SendFile + Unpin> Driver<S> {
                 self.inflight_bytes += cost;
                 let dev = self.export.device.clone();
                 let read_only = self.export.read_only.load(Ordering::Relaxed);
-                let send_file = self.send_file;
+                let send_file = self.send_file && self.send_file_resumed();
                 let handle = r.handle;
                 let started = Instant::now();
                 self.inflight.push(Box::pin(async move {
@@ -778,6 +796,18 @@ impl<S: AsyncRead + AsyncWrite + SendFile + Unpin> Driver<S> {
                     }
                 }));
             }
+        }
+    }
+
+    /// False while `sendfile` is paused after a slow one.
+    fn send_file_resumed(&mut self) -> bool {
+        match self.send_file_paused_until {
+            None => true,
+            Some(until) if Instant::now() >= until => {
+                self.send_file_paused_until = None;
+                true
+            }
+            Some(_) => false,
         }
     }
 
