@@ -75,7 +75,8 @@
 //!   the connection.
 //! - **1 MiB writes**: the payload is read straight into its own pooled `AlignedBuf`,
 //!   with `SO_RCVLOWAT` raised to the bytes still missing (about 2.5 `recv` per
-//!   request), then written through the ring. Two copies, as in nbdkit: socket to
+//!   request; after a large write the next header is read on its own, so the next
+//!   payload does not pass through the input buffer), then written through the ring. Two copies, as in nbdkit: socket to
 //!   buffer, buffer to page cache.
 //!
 //! Why the bench cannot show 1.2x nbdkit here (the goal): on two cores shared by

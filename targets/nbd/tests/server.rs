@@ -197,6 +197,33 @@ async fn large_writes_arriving_in_pieces_are_received_whole() {
             let at = (chunk << 20) as usize;
             assert!(got == model[at..at + (1 << 20)], "MiB {chunk} differs");
         }
+        // Large and small writes back to back, each header right behind the previous
+        // payload (after a large write the server reads the next header on its own).
+        let burst: [(u64, usize); 5] = [
+            (0, 1 << 20),
+            (1 << 20, 1 << 20),
+            (2 << 20, 4096),
+            ((2 << 20) + 4096, 100_000),
+            (3 << 20, 512),
+        ];
+        for (i, &(offset, len)) in burst.iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|j| (j * 5 + i * 11) as u8 | 2).collect();
+            handles.insert(c.send(cmd::WRITE, 0, offset, len as u32, &data).unwrap());
+            model[offset as usize..offset as usize + len].copy_from_slice(&data);
+        }
+        for _ in 0..burst.len() {
+            let (h, o) = c.recv().unwrap();
+            assert_eq!(o.errno(), 0, "request {h}");
+            assert!(handles.remove(&h));
+        }
+        for chunk in 0..4u64 {
+            let got = data_of(c.read(chunk << 20, 1 << 20).unwrap());
+            let at = (chunk << 20) as usize;
+            assert!(
+                got == model[at..at + (1 << 20)],
+                "MiB {chunk} differs after the burst"
+            );
+        }
         // A connection that dies in the middle of a payload changes nothing.
         let mut d = connect(addr, "lun0", &o).unwrap();
         let header = basalt_nbd::RequestHeader {

@@ -35,7 +35,7 @@ use crate::transmission::{
 };
 use crate::wire::Output;
 use basalt_blockdev::AlignedBuf;
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
@@ -434,6 +434,8 @@ struct Driver<S> {
     inbuf: BytesMut,
     /// A large write payload being received (taken out of the input stream).
     payload: Option<Payload>,
+    /// The last request was a large write: read the next header on its own.
+    header_first: bool,
     lowat: RecvLowat,
     out: Output,
     inflight: FuturesUnordered<Pending>,
@@ -473,6 +475,7 @@ async fn transmit<S: AsyncRead + AsyncWrite + SendFile + Unpin>(
         io,
         inbuf,
         payload: None,
+        header_first: false,
         lowat,
         out: Output::new(),
         inflight: FuturesUnordered::new(),
@@ -645,6 +648,7 @@ impl<S: AsyncRead + AsyncWrite + SendFile + Unpin> Driver<S> {
                 if let Some(p) = self.payload.take_if(|p| p.complete()) {
                     let d = self.session.validate(p.header, p.buf.freeze());
                     self.start(d);
+                    self.header_first = true;
                     progress = true;
                     continue;
                 }
@@ -654,6 +658,7 @@ impl<S: AsyncRead + AsyncWrite + SendFile + Unpin> Driver<S> {
                 match self.session.decode(&mut self.inbuf) {
                     Ok(Some(d)) => {
                         self.start(d);
+                        self.header_first = false;
                         progress = true;
                     }
                     Ok(None) => {
@@ -699,7 +704,20 @@ impl<S: AsyncRead + AsyncWrite + SendFile + Unpin> Driver<S> {
                 if self.inbuf.capacity() - self.inbuf.len() < want / 2 {
                     self.inbuf.reserve(want);
                 }
-                match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.inbuf) {
+                // After a large write, read only the next header: if another large
+                // write follows, its payload then goes straight to its own buffer
+                // instead of partly through this one (a copy of up to READ_CHUNK).
+                let limit = match self.header_first {
+                    true => REQUEST_HEADER_LEN.saturating_sub(self.inbuf.len()),
+                    false => 0,
+                };
+                let read = if limit > 0 {
+                    let mut head = (&mut self.inbuf).limit(limit);
+                    tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut head)
+                } else {
+                    tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.inbuf)
+                };
+                match read {
                     Poll::Ready(Ok(0)) => {
                         // The client closed its side: finish what is in flight, then
                         // close (a hard disconnect by the client).
