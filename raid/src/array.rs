@@ -6,7 +6,7 @@ use crate::csum::{block_crc, Csums};
 use crate::journal::{RecordHeader, Rings, FLAG_ZERO};
 use crate::layout::{Layout, Level, StripeMap};
 use crate::parity::{two_data_coefficients, Kernel};
-use crate::repair::Hold;
+use crate::repair::{Corrections, Hold};
 use crate::status::ArrayMetrics;
 use crate::superblock::{
     MetaLayout, RoleEntry, RoleState, ScrubKind, Superblock, Uuid, BLOCK, FLAG_CHECKSUMS,
@@ -226,6 +226,8 @@ pub(crate) struct Inner {
     pub geometry: Geometry,
     pub io_timeout: Duration,
     pub read_error_policy: ReadErrorPolicy,
+    /// Read corrections in flight, so that one bad region counts once.
+    pub corrections: Arc<Corrections>,
     pub state: Mutex<State>,
     pub sb: tokio::sync::Mutex<SbWriter>,
     pub locks: RangeLocks,
@@ -1450,6 +1452,7 @@ impl Array {
             geometry,
             io_timeout: p.io_timeout,
             read_error_policy: p.read_error_policy,
+            corrections: Arc::default(),
             state: Mutex::new(p.state),
             sb: tokio::sync::Mutex::new(SbWriter {
                 events: p.events,

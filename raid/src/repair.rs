@@ -24,6 +24,18 @@
 //! journal: it writes what the member must already hold (the rows agree with the rest of
 //! the stripe and with every journaled transaction since the last checkpoint), so a
 //! crash in the middle leaves the sector bad or right, never a stripe inconsistent.
+//!
+//! One bad region counts once toward the threshold, however many reads meet it at once
+//! ([`Corrections`]). Reads share the stripe lock, so two of them can fail on the same
+//! rows before either has rewritten them; each correction would count the error. A read
+//! that fails therefore claims (member, member byte range) for its correction; a read
+//! that then fails on rows overlapping a claim waits for that correction to end and
+//! reads again, counting nothing if the rows now read. A read whose failure may predate
+//! a correction that ended meanwhile (any correction finished while it was reading)
+//! reads again too, once, before claiming. After a few such passes (rows that stay
+//! unreadable under a stream of reads) a read corrects on its own, so none starves.
+//! Only the rows a read itself failed on are claimed; a source member that fails while
+//! serving a correction is counted by that correction.
 
 use crate::array::{aligned, recover, Inner, Member, Step};
 use crate::csum::block_crc;
@@ -34,9 +46,12 @@ use basalt_blockdev::{AlignedBuf, BlockError, OwnedRangeGuard, WriteFlags};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, PoisonError};
+use std::ops::Range;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// True for a member error that may be a bad sector (`BlockError::Io`, except the
 /// errnos that say the device itself is gone), as opposed to a failed device
@@ -57,6 +72,111 @@ type Bad = Vec<(usize, BlockError)>;
 /// A share of a foreground read's stripe lock; the lock is released when the last
 /// share goes.
 pub(crate) type Hold = Arc<OwnedRangeGuard>;
+
+/// How many times a read waits for another correction or reads again before it
+/// corrects what it finds itself (module docs).
+const MAX_DEFERS: u32 = 3;
+
+/// The corrections in flight, so that one bad region counts once (module docs).
+#[derive(Default)]
+pub(crate) struct Corrections {
+    claims: Mutex<Claims>,
+    /// Corrections ended so far; bumped under `claims` as a claim is released.
+    ended: AtomicU64,
+}
+
+#[derive(Default)]
+struct Claims {
+    next_id: u64,
+    list: Vec<Claim>,
+}
+
+struct Claim {
+    id: u64,
+    member: Arc<Member>,
+    range: Range<u64>,
+    /// Dropped when the correction ends, which wakes the reads waiting for it.
+    ended: watch::Sender<()>,
+}
+
+/// Why a read may not claim rows for a correction now.
+enum Defer {
+    /// Another correction of overlapping rows is in flight: wait for it to end.
+    Wait(watch::Receiver<()>),
+    /// A correction ended while the read was reading: its failure may be old news.
+    Stale,
+}
+
+/// The rows a correction claimed; released (and waiters woken) when dropped, which is
+/// when the correction has ended, rewrite and read-back included.
+pub(crate) struct Claimed {
+    owner: Arc<Corrections>,
+    id: u64,
+}
+
+impl Corrections {
+    /// A mark to take before reading: [`Corrections::claim`] tells from it whether a
+    /// correction ended since.
+    fn mark(&self) -> u64 {
+        self.ended.load(Acquire)
+    }
+
+    /// Claims the rows `range` of each member of `bad` for a correction, unless another
+    /// claim overlaps them or a correction ended since `mark` (`force` claims anyway).
+    fn claim(
+        self: &Arc<Self>,
+        view: &[Option<Arc<Member>>],
+        bad: &Bad,
+        range: Range<u64>,
+        mark: u64,
+        force: bool,
+    ) -> Result<Claimed, Defer> {
+        let mut c = self.claims.lock().unwrap_or_else(PoisonError::into_inner);
+        if !force {
+            for (r, _) in bad {
+                let Some(m) = &view[*r] else { continue };
+                if let Some(other) = c.list.iter().find(|x| {
+                    Arc::ptr_eq(&x.member, m)
+                        && x.range.start < range.end
+                        && range.start < x.range.end
+                }) {
+                    return Err(Defer::Wait(other.ended.subscribe()));
+                }
+            }
+            if self.ended.load(Relaxed) != mark {
+                return Err(Defer::Stale);
+            }
+        }
+        c.next_id += 1;
+        let id = c.next_id;
+        for (r, _) in bad {
+            if let Some(m) = &view[*r] {
+                c.list.push(Claim {
+                    id,
+                    member: m.clone(),
+                    range: range.clone(),
+                    ended: watch::channel(()).0,
+                });
+            }
+        }
+        Ok(Claimed {
+            owner: self.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        let mut c = self
+            .owner
+            .claims
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        c.list.retain(|x| x.id != self.id);
+        self.owner.ended.fetch_add(1, Release);
+    }
+}
 
 impl Inner {
     /// Applies the decay to a member's read error window.
@@ -131,47 +251,74 @@ impl Inner {
         hold: Option<&Hold>,
     ) -> Result<Vec<Bytes>, Step> {
         let off = self.data_off(s, lo);
-        let results = match roles {
-            [r] => vec![self.read_raw(view, *r, off, len).await],
-            _ => join_all(roles.iter().map(|&r| self.read_raw(view, r, off, len))).await,
-        };
-        // The hot path: every read succeeded, nothing to correct.
-        if results.iter().all(Result::is_ok) {
-            return Ok(results.into_iter().flatten().collect());
-        }
-        let mut known: HashMap<usize, Bytes> = HashMap::new();
-        let mut bad: Bad = Vec::new();
-        let mut retry = false;
-        for (&r, res) in roles.iter().zip(results) {
-            match res {
-                Ok(b) => {
-                    known.insert(r, b);
-                }
-                Err(e) if is_medium_error(&e) => {
-                    if !bad.iter().any(|(x, _)| *x == r) {
-                        bad.push((r, e));
+        let mut defers = 0;
+        let (mut known, bad, claimed) = loop {
+            let mark = self.corrections.mark();
+            let results = match roles {
+                [r] => vec![self.read_raw(view, *r, off, len).await],
+                _ => join_all(roles.iter().map(|&r| self.read_raw(view, r, off, len))).await,
+            };
+            // The hot path: every read succeeded, nothing to correct.
+            if results.iter().all(Result::is_ok) {
+                return Ok(results.into_iter().flatten().collect());
+            }
+            let mut known: HashMap<usize, Bytes> = HashMap::new();
+            let mut bad: Bad = Vec::new();
+            let mut retry = false;
+            for (&r, res) in roles.iter().zip(results) {
+                match res {
+                    Ok(b) => {
+                        known.insert(r, b);
                     }
-                }
-                Err(e) => {
-                    if let Some(m) = &view[r] {
-                        self.member_failed(r, m, &e).await;
+                    Err(e) if is_medium_error(&e) => {
+                        if !bad.iter().any(|(x, _)| *x == r) {
+                            bad.push((r, e));
+                        }
                     }
-                    retry = true;
+                    Err(e) => {
+                        if let Some(m) = &view[r] {
+                            self.member_failed(r, m, &e).await;
+                        }
+                        retry = true;
+                    }
                 }
             }
-        }
-        if retry {
-            return Err(Step::Retry);
-        }
-        if !bad.is_empty() {
-            known = match hold {
-                None => self.correct(s, map, view, lo, len, known, bad).await?,
-                Some(hold) => {
-                    self.correct_detached(hold, s, map, view, lo, len, known, bad)
-                        .await?
+            if retry {
+                return Err(Step::Retry);
+            }
+            let force = defers >= MAX_DEFERS;
+            match self
+                .corrections
+                .claim(view, &bad, off..off + len as u64, mark, force)
+            {
+                Ok(c) => break (known, bad, c),
+                Err(Defer::Wait(mut rx)) => {
+                    // Err once the other correction has ended: its claim is gone.
+                    let _ = rx.changed().await;
+                    // It may have failed a member we read: start over with a new view.
+                    let now = self.view(s);
+                    let same = |r: usize| match (&view[r], &now[r]) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    };
+                    if !bad.iter().all(|(r, _)| same(*r)) {
+                        return Err(Step::Retry);
+                    }
                 }
-            };
-        }
+                Err(Defer::Stale) => {}
+            }
+            defers += 1;
+        };
+        known = match hold {
+            None => {
+                let _claimed = claimed;
+                self.correct(s, map, view, lo, len, known, bad).await?
+            }
+            Some(hold) => {
+                self.correct_detached(hold, claimed, s, map, view, lo, len, known, bad)
+                    .await?
+            }
+        };
         let mut out = Vec::with_capacity(roles.len());
         for r in roles {
             match known.get(r) {
@@ -217,12 +364,14 @@ impl Inner {
         }
     }
 
-    /// [`Inner::correct`] as a task of its own holding `hold`: the rewrite runs to the
-    /// end and the stripe stays locked until then, even if the caller is dropped.
+    /// [`Inner::correct`] as a task of its own holding `hold` and `claimed`: the
+    /// rewrite runs to the end and the stripe stays locked (and the rows claimed) until
+    /// then, even if the caller is dropped.
     #[allow(clippy::too_many_arguments)]
     async fn correct_detached(
         &self,
         hold: &Hold,
+        claimed: Claimed,
         s: u64,
         map: &StripeMap,
         view: &[Option<Arc<Member>>],
@@ -237,6 +386,7 @@ impl Inner {
         let (hold, map, view) = (hold.clone(), map.clone(), view.to_vec());
         let task = tokio::spawn(async move {
             let _hold = hold;
+            let _claimed = claimed;
             me.correct(s, &map, &view, lo, len, known, bad).await
         });
         match task.await {

@@ -106,6 +106,12 @@ pub struct ArrayStatus {
     pub state: ArrayState,
     /// Why the array failed, when it has.
     pub failed_reason: Option<String>,
+    /// Why the last rebuild stopped short, while it stays stopped: rows of a survivor
+    /// that can be neither read nor rebuilt, with the stripe, the array byte range and
+    /// the member (md's `recovery_disabled`). The array runs degraded and no rebuild
+    /// starts again until a device is added (a spare, a replacement), which clears it.
+    /// Not kept across a restart: an assembly tries the rebuild again, as md does.
+    pub rebuild_stopped: Option<String>,
     /// Superblock event counter.
     pub events: u64,
     /// Write journal on.
@@ -205,6 +211,9 @@ impl ArrayStatus {
         }
         if let Some(r) = &self.failed_reason {
             s.push_str(&format!("\n      FAILED: {r}"));
+        }
+        if let Some(r) = &self.rebuild_stopped {
+            s.push_str(&format!("\n      REBUILD STOPPED: {r}"));
         }
         s
     }
@@ -362,6 +371,9 @@ impl Array {
             _ => String::new(),
         };
         let failed_reason = st.failed.clone();
+        // Read under the same lock as the roles and the state: it is set and cleared
+        // together with them (`jobs`, `take_role`, `add_spare`).
+        let rebuild_stopped = st.rebuild_stopped.clone();
         drop(st);
         let events = i.events.load(Relaxed);
         ArrayStatus {
@@ -374,6 +386,7 @@ impl Array {
             size_bytes: i.layout.capacity(),
             state,
             failed_reason,
+            rebuild_stopped,
             events,
             journal: i.journal,
             checksums: i.checksums,

@@ -371,15 +371,16 @@ async fn raid6_failed_member_plus_bad_sector() {
         );
         // Two pieces of the read need the sector (its own column, and the gone column
         // rebuilt from it). Each correction runs as its own task, so the second piece may
-        // read the sector before the first's rewrite lands and correct it as well (with
-        // the same bytes).
+        // read the sector before the first's rewrite lands; it then waits for that
+        // correction and reads again: the sector is corrected and counted once.
         let injected = f.fs[victim].injected_errors();
         assert!(
             (1..=2).contains(&injected),
             "stripe {s}: bad sector read {injected} times"
         );
         assert_eq!(f.member(victim).state, RoleState::InSync);
-        assert_eq!(f.member(victim).read_errors_corrected, injected);
+        assert_eq!(f.member(victim).read_errors_corrected, 1);
+        assert_eq!(f.member(victim).recent_read_errors, 1);
         assert_eq!(f.member(gone).state, RoleState::Faulty);
         f.check_all("raid6 degraded").await;
         f.a.stop().await.unwrap();
@@ -629,10 +630,12 @@ async fn rebuilt_rows_are_verified() {
 
 /// A member as the kernel serves it: a write, once issued, runs to the end even if its
 /// issuer goes away (dropping an io_uring request's future does not cancel it). It can
-/// hold back the next write overlapping a range until the test releases it.
+/// hold back the next write overlapping a range until the test releases it, and hold
+/// the answer of the next read overlapping a range (the read itself done) likewise.
 struct Submitted {
     inner: Arc<FaultDev>,
     armed: Mutex<Option<(Range<u64>, Held)>>,
+    armed_read: Mutex<Option<(Range<u64>, Held)>>,
 }
 
 /// The test's side of a held write.
@@ -656,14 +659,25 @@ impl Submitted {
         Submitted {
             inner,
             armed: Mutex::new(None),
+            armed_read: Mutex::new(None),
         }
     }
 
     fn hold_next_write(&self, range: Range<u64>) -> HoldHandle {
+        Self::arm(&self.armed, range)
+    }
+
+    /// `issued` fires once the read is done on the device, `done` once its answer
+    /// went back.
+    fn hold_next_read(&self, range: Range<u64>) -> HoldHandle {
+        Self::arm(&self.armed_read, range)
+    }
+
+    fn arm(slot: &Mutex<Option<(Range<u64>, Held)>>, range: Range<u64>) -> HoldHandle {
         let (issued_tx, issued) = oneshot::channel();
         let (release, release_rx) = oneshot::channel();
         let (done_tx, done) = oneshot::channel();
-        *self.armed.lock().unwrap() = Some((
+        *slot.lock().unwrap() = Some((
             range,
             Held {
                 issued: issued_tx,
@@ -677,6 +691,33 @@ impl Submitted {
             done,
         }
     }
+
+    fn take(slot: &Mutex<Option<(Range<u64>, Held)>>, offset: u64, len: usize) -> Option<Held> {
+        let mut armed = slot.lock().unwrap();
+        match &*armed {
+            Some((r, _)) if r.start < offset + len as u64 && offset < r.end => {
+                armed.take().map(|(_, h)| h)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// An array over [`Submitted`] members (write cache off), filled with a pattern.
+async fn submitted_fixture(level: Level) -> (Fixture, Vec<Arc<Submitted>>) {
+    let fs = fault_members(members_for(level), SIZE, false);
+    let subs: Vec<Arc<Submitted>> = fs
+        .iter()
+        .map(|f| Arc::new(Submitted::new(f.clone())))
+        .collect();
+    let devs = subs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Device::new(format!("d{i}"), d.clone() as SharedBlockDev))
+        .collect();
+    let f = fixture_over(level, |c| c, fs, devs).await;
+    f.a.wait_idle().await;
+    (f, subs)
 }
 
 #[async_trait::async_trait]
@@ -685,7 +726,14 @@ impl BlockDev for Submitted {
         self.inner.geometry()
     }
     async fn read(&self, offset: u64, len: usize) -> basalt_blockdev::Result<Bytes> {
-        self.inner.read(offset, len).await
+        let held = Self::take(&self.armed_read, offset, len);
+        let r = self.inner.read(offset, len).await;
+        if let Some(h) = held {
+            let _ = h.issued.send(());
+            let _ = h.release.await;
+            let _ = h.done.send(());
+        }
+        r
     }
     async fn write(
         &self,
@@ -693,15 +741,7 @@ impl BlockDev for Submitted {
         data: Bytes,
         flags: WriteFlags,
     ) -> basalt_blockdev::Result<()> {
-        let held = {
-            let mut armed = self.armed.lock().unwrap();
-            match &*armed {
-                Some((r, _)) if r.start < offset + data.len() as u64 && offset < r.end => {
-                    armed.take().map(|(_, h)| h)
-                }
-                _ => None,
-            }
-        };
+        let held = Self::take(&self.armed, offset, data.len());
         let dev = self.inner.clone();
         tokio::spawn(async move {
             let Some(h) = held else {
@@ -754,19 +794,7 @@ impl BlockDev for Submitted {
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn dropped_read_keeps_the_stripe_locked_until_its_rewrite_is_done() {
     for level in [Level::Raid1, Level::Raid5] {
-        let n = members_for(level);
-        let fs = fault_members(n, SIZE, false);
-        let subs: Vec<Arc<Submitted>> = fs
-            .iter()
-            .map(|f| Arc::new(Submitted::new(f.clone())))
-            .collect();
-        let devs = subs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Device::new(format!("d{i}"), d.clone() as SharedBlockDev))
-            .collect();
-        let f = fixture_over(level, |c| c, fs, devs).await;
-        f.a.wait_idle().await;
+        let (f, subs) = submitted_fixture(level).await;
 
         let s = 4;
         let (victim, at) = f.reader(s, 0);
@@ -833,6 +861,106 @@ async fn dropped_read_keeps_the_stripe_locked_until_its_rewrite_is_done() {
     }
 }
 
+/// Two reads of the same bad rows at once: the second meets the bad sector while the
+/// first's correction is in flight (its rewrite held back), waits for it and reads the
+/// rewritten rows. The bad sector counts once (member errors, read error window,
+/// corrections) and both reads return the right data. Clock paused as above: the
+/// timeout tells "the second read waits" from "it corrected on its own".
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn concurrent_reads_of_a_bad_sector_count_it_once() {
+    for level in [Level::Raid1, Level::Raid5] {
+        let (f, subs) = submitted_fixture(level).await;
+        let s = 4;
+        let (victim, at) = f.reader(s, 0);
+        let off = f.member_off(s, 0);
+        f.fs[victim].add_rule(
+            ErrorRule::new(FaultOp::Read)
+                .range(off..off + 4096)
+                .until_rewritten(),
+        );
+        let before = f.member(victim);
+        let mut held = subs[victim].hold_next_write(off..off + 4096);
+        let read = || {
+            let a = f.a.clone();
+            tokio::spawn(async move { a.read(at, 4096).await })
+        };
+        let first = read();
+        (&mut held.issued).await.unwrap();
+        let mut second = read();
+        let early = tokio::time::timeout(Duration::from_secs(5), &mut second)
+            .await
+            .ok();
+        let second_waited = early.is_none();
+        held.release.send(()).unwrap();
+        let r1 = first.await.unwrap().expect("first read");
+        let r2 = match early {
+            Some(r) => r,
+            None => second.await,
+        }
+        .unwrap()
+        .expect("second read");
+        let want = &f.data[at as usize..at as usize + 4096];
+        assert_eq!(diff(&r1[..], want), None, "{level}: first read");
+        assert_eq!(diff(&r2[..], want), None, "{level}: second read");
+        let m = f.member(victim);
+        assert_eq!(m.state, RoleState::InSync, "{level}");
+        assert_eq!(m.errors - before.errors, 1, "{level}: errors");
+        assert_eq!(
+            m.recent_read_errors - before.recent_read_errors,
+            1,
+            "{level}: read error window"
+        );
+        assert_eq!(m.read_errors_corrected, 1, "{level}: corrections");
+        assert!(second_waited, "{level}: the second read did not wait");
+        f.check_all(&format!("{level}")).await;
+        f.a.stop().await.unwrap();
+    }
+}
+
+/// The same race the other way round: a read's member read fails, but its answer comes
+/// back only after another read has corrected the rows and finished. The late failure
+/// is old news: the rows are read again (now good), not counted a second time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_read_failing_across_a_correction_does_not_count_it_again() {
+    for level in [Level::Raid1, Level::Raid5] {
+        let (f, subs) = submitted_fixture(level).await;
+        let s = 4;
+        let (victim, at) = f.reader(s, 0);
+        let off = f.member_off(s, 0);
+        f.fs[victim].add_rule(
+            ErrorRule::new(FaultOp::Read)
+                .range(off..off + 4096)
+                .until_rewritten(),
+        );
+        let before = f.member(victim);
+        let mut held = subs[victim].hold_next_read(off..off + 4096);
+        let late = {
+            let a = f.a.clone();
+            tokio::spawn(async move { a.read(at, 4096).await })
+        };
+        // Its member read has failed; the answer is held back.
+        (&mut held.issued).await.unwrap();
+        let want = &f.data[at as usize..at as usize + 4096];
+        let r1 = f.a.read(at, 4096).await.expect("other read");
+        assert_eq!(diff(&r1[..], want), None, "{level}: other read");
+        assert_eq!(f.member(victim).read_errors_corrected, 1, "{level}");
+        held.release.send(()).unwrap();
+        let r2 = late.await.unwrap().expect("late read");
+        assert_eq!(diff(&r2[..], want), None, "{level}: late read");
+        let m = f.member(victim);
+        assert_eq!(m.state, RoleState::InSync, "{level}");
+        assert_eq!(m.errors - before.errors, 1, "{level}: errors");
+        assert_eq!(
+            m.recent_read_errors - before.recent_read_errors,
+            1,
+            "{level}: read error window"
+        );
+        assert_eq!(m.read_errors_corrected, 1, "{level}: corrections");
+        f.check_all(&format!("{level}")).await;
+        f.a.stop().await.unwrap();
+    }
+}
+
 /// A rebuild that meets rows unreadable on the only member that could supply them (RAID5
 /// with one member gone) stops there, as md does without a bad-block log: the member
 /// with the bad sector stays in, the array runs degraded, the rebuilt member stays out of
@@ -860,6 +988,13 @@ async fn rebuild_stops_at_an_unrebuildable_sector() {
     assert!(msg.contains(&format!("d{victim}")), "{msg}");
     let st = f.a.status();
     assert!(st.failed_reason.is_none(), "{}", st.md_text());
+    // The administrator sees why in the status, not only in the job history.
+    assert_eq!(st.rebuild_stopped.as_deref(), Some(msg.as_str()));
+    assert!(
+        st.md_text().contains(&format!("REBUILD STOPPED: {msg}")),
+        "{}",
+        st.md_text()
+    );
     assert_eq!(
         st.members[victim].state,
         RoleState::InSync,
@@ -917,8 +1052,12 @@ async fn rebuild_stops_at_an_unrebuildable_sector() {
     f.a.add_spare(Device::new("spare2", spare2 as SharedBlockDev))
         .await
         .unwrap();
+    // Cleared with the device added, as the rebuild may start again.
+    let st = f.a.status();
+    assert_eq!(st.rebuild_stopped, None, "{}", st.md_text());
     f.a.wait_idle().await;
     let st = f.a.status();
+    assert_eq!(st.rebuild_stopped, None, "{}", st.md_text());
     assert!(
         st.members.iter().all(|m| m.state == RoleState::InSync),
         "{}",
