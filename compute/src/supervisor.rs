@@ -47,6 +47,9 @@ pub enum SupervisorError {
     /// The VM does not run.
     #[error("VM {0:?} is not running")]
     NotRunning(String),
+    /// The VM is starting (or about to restart after a crash).
+    #[error("VM {0:?} is starting; stop it first")]
+    Starting(String),
     /// The daemon could not provide the VM's disks or NICs.
     #[error("VM {name:?}: {reason}")]
     Resolve {
@@ -76,6 +79,16 @@ pub enum SupervisorError {
     /// `/proc` cannot be read, so whether a VMM runs for the VM is unknown.
     #[error("cannot look for VMM processes in /proc: {0}")]
     Proc(#[source] std::io::Error),
+    /// A background task of the supervisor failed (panicked).
+    #[error("VM {name:?}: {what} failed: {reason}")]
+    Task {
+        /// The VM.
+        name: String,
+        /// What was being done.
+        what: String,
+        /// Why.
+        reason: String,
+    },
     /// Waiting timed out.
     #[error("VM {name:?}: timed out waiting for {what}")]
     Timeout {
@@ -158,12 +171,39 @@ struct VmHandle {
     ctl: mpsc::UnboundedSender<Control>,
 }
 
+/// Per VM name, the lock that starts, crash restarts and deletes of that VM hold (see
+/// [`Supervisor::hold`]); an entry lives while someone holds or waits for it.
+type Holds = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// VM `name` held against other starts, crash restarts and deletes until dropped.
+struct VmHold {
+    holds: Holds,
+    name: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for VmHold {
+    fn drop(&mut self) {
+        let mut holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(self.guard.take());
+        // Nobody else holds or waits for it (they clone it under this lock): forgotten,
+        // so that the map does not keep every VM name ever used.
+        if holds
+            .get(&self.name)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            holds.remove(&self.name);
+        }
+    }
+}
+
 /// See the [module docs](self).
 pub struct Supervisor {
     store: VmStore,
     cfg: SupervisorConfig,
     resolver: Arc<dyn Resolver>,
     vms: Mutex<HashMap<String, Arc<VmHandle>>>,
+    holds: Holds,
 }
 
 /// How often a VMM watched without a pidfd ([`Proc::Polled`]) is looked for in /proc.
@@ -324,10 +364,28 @@ fn vmm_processes() -> std::io::Result<HashMap<PathBuf, Vec<u32>>> {
     Ok(out)
 }
 
+/// The VMM processes on this host at one moment, by the VM folder they serve (see
+/// [`scan_vmms`]).
+#[derive(Debug, Default, Clone)]
+pub struct VmmScan(HashMap<PathBuf, Vec<u32>>);
+
+impl VmmScan {
+    /// A VMM process serving folder `dir` (the lowest pid when there are several).
+    pub fn pid_of(&self, dir: &Path) -> Option<u32> {
+        self.0.get(dir).and_then(|p| p.first().copied())
+    }
+}
+
+/// Every VMM process on this host, found by its command line (`--vm-dir DIR`): also
+/// those that no supervisor watches, which `status.json` may call stopped. Reads every
+/// process's command line, which can wait on a process stuck in the kernel.
+pub fn scan_vmms() -> Result<VmmScan, SupervisorError> {
+    vmm_processes().map(VmmScan).map_err(SupervisorError::Proc)
+}
+
 /// A VMM process serving folder `dir`, if one runs.
 fn vmm_process(dir: &Path) -> Result<Option<u32>, SupervisorError> {
-    let all = vmm_processes().map_err(SupervisorError::Proc)?;
-    Ok(all.get(dir).and_then(|p| p.first().copied()))
+    Ok(scan_vmms()?.pid_of(dir))
 }
 
 fn signal_name(sig: i32) -> String {
@@ -350,7 +408,28 @@ impl Supervisor {
             cfg,
             resolver,
             vms: Mutex::default(),
+            holds: Holds::default(),
         })
+    }
+
+    /// Holds VM `name` (waiting for whoever holds it now): a start holds it from its
+    /// checks to the VMM's pid on record, a crash restart likewise, a delete from its
+    /// checks to the folder's removal. So a delete never removes the folder of a VMM
+    /// that a start launched after the delete's checks, nor a start launches one into a
+    /// folder going away.
+    async fn hold(&self, name: &str) -> VmHold {
+        let lock = self
+            .holds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        VmHold {
+            holds: self.holds.clone(),
+            name: name.to_string(),
+            guard: Some(lock.lock_owned().await),
+        }
     }
 
     /// The store.
@@ -501,6 +580,9 @@ impl Supervisor {
 
     /// Starts VM `name`; returns the VMM's pid once it is spawned.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<u32, SupervisorError> {
+        // Until the VMM runs and is on record (or the start failed): a delete waits, then
+        // finds it running.
+        let _hold = self.hold(name).await;
         let def = self.store.get(name)?;
         // The old record only carries the last exit over; an unreadable one is replaced,
         // once the process scan below has shown that no VMM runs for the VM.
@@ -720,6 +802,9 @@ impl Supervisor {
                 }
             }
             let Some(def) = def else { return };
+            // As a start does: a delete that checked while the VM had crashed (inactive)
+            // is waited for, and has then dropped the handle.
+            let _hold = self.hold(&name).await;
             // Starting is active, so nobody should have replaced the handle; but a
             // second VMM on the same disks is the one thing never to risk.
             if !self.is_current(&name, &handle) {
@@ -808,21 +893,51 @@ impl Supervisor {
     /// Deletes a stopped VM's folder. Neither its definition nor its `status.json` need
     /// be readable (so that a broken VM never locks the admin out): a supervised VM is
     /// stopped by its live status, an unsupervised one when no VMM process runs for it.
-    pub fn delete(&self, name: &str) -> Result<(), SupervisorError> {
-        self.check_delete(name)?;
-        self.store.remove(name)?;
-        self.vms
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
-        Ok(())
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), SupervisorError> {
+        self.delete_with(name, || ()).await
+    }
+
+    /// [`Self::delete`], calling `before_removal` (blocking is fine) once the checks have
+    /// passed and before the folder goes: for whoever must undo things that need the
+    /// folder (the daemon's NIC ports) and must not undo them under a VM that still
+    /// runs. No start of the VM can come in between.
+    pub async fn delete_with(
+        self: &Arc<Self>,
+        name: &str,
+        before_removal: impl FnOnce() + Send + 'static,
+    ) -> Result<(), SupervisorError> {
+        let hold = self.hold(name).await;
+        let (me, n) = (self.clone(), name.to_string());
+        // The check scans /proc, and the removal walks the folder: off the runtime.
+        tokio::task::spawn_blocking(move || {
+            let _hold = hold;
+            me.check_delete(&n)?;
+            before_removal();
+            me.store.remove(&n)?;
+            me.vms
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&n);
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(SupervisorError::Task {
+                name: name.to_string(),
+                what: "the delete".into(),
+                reason: e.to_string(),
+            })
+        })
     }
 
     /// Whether [`Self::delete`] would go ahead now: the VM exists and no VMM runs for
-    /// it, supervised or not. For whoever must undo things before the folder goes (the
-    /// daemon's NIC ports), and must not undo them under a VM that still runs.
+    /// it, supervised or not. Only [`Self::delete_with`]'s own check holds against a
+    /// start that comes after it.
     pub fn check_delete(&self, name: &str) -> Result<(), SupervisorError> {
         match self.handle(name) {
+            Some(h) if h.status.borrow().state == VmState::Starting => {
+                return Err(SupervisorError::Starting(name.to_string()));
+            }
             Some(h) if h.status.borrow().state.is_active() => {
                 return Err(StoreError::Running(name.to_string()).into());
             }
@@ -1057,7 +1172,7 @@ mod tests {
             sup.store().status("vm").expect("record").state,
             VmState::Stopped
         );
-        sup.delete("vm").expect("delete once stopped");
+        sup.delete("vm").await.expect("delete once stopped");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1089,8 +1204,8 @@ mod tests {
         vmm.wait().expect("reap");
     }
 
-    #[test]
-    fn a_delete_is_refused_before_anything_goes_while_an_unsupervised_vmm_runs() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_is_refused_before_anything_goes_while_an_unsupervised_vmm_runs() {
         let (sup, dir, _tmp) = rig();
         let mut vmm = fake_vmm(&dir);
         let e = sup
@@ -1100,13 +1215,98 @@ mod tests {
             matches!(e, SupervisorError::Unsupervised { pid, .. } if pid == vmm.id()),
             "{e}"
         );
-        assert!(sup.delete("vm").is_err());
+        assert!(sup.delete("vm").await.is_err());
         assert!(dir.join("vm.json").exists());
         drop(vmm.stdin.take());
         vmm.wait().expect("reap");
         sup.check_delete("vm").expect("nothing runs now");
-        sup.delete("vm").expect("delete");
+        sup.delete("vm").await.expect("delete");
         assert!(!dir.exists());
+    }
+
+    /// A start and a delete of one VM, raced many times, leave it consistent: deleted
+    /// with no VMM left, or running with its folder intact (and the delete refused,
+    /// saying why). The delete's `before_removal` takes a while, as the daemon's port
+    /// release does, so that a start unheld by the delete's checks gets in every time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_racing_a_start_never_removes_a_running_vm() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = VmStore::open(tmp.path().join("vms")).expect("store");
+        // A stand-in VMM that runs until stopped (and takes its sleep along).
+        let mut cfg = SupervisorConfig::new("/bin/sh");
+        cfg.args_prefix = vec![
+            "-c".into(),
+            "trap 'kill $! 2>/dev/null; exit 0' TERM; sleep 60 & wait".into(),
+            "fake-vmm".into(),
+        ];
+        cfg.stop_timeout = Duration::from_secs(5);
+        let sup = Supervisor::new(store, cfg, Arc::new(NoHandover));
+        let def = VmDefinition::from_json(
+            r#"{"name":"vm","vcpus":1,"memory_mib":64,
+                "boot":{"kind":"kernel","kernel":"kernel.elf"}}"#,
+        )
+        .expect("def");
+        let dir = sup.store().dir("vm");
+        let (mut deleted, mut ran) = (0, 0);
+        for round in 0..20 {
+            sup.store().create(&def).expect("create");
+            let (a, b) = (sup.clone(), sup.clone());
+            let delete = async move {
+                b.delete_with("vm", || std::thread::sleep(Duration::from_millis(30)))
+                    .await
+            };
+            let start = async move { a.start("vm").await };
+            // Each goes first in turn: the other comes while it is under way.
+            let head_start = Duration::from_millis(5);
+            let (start, delete) = if round % 2 == 0 {
+                let d = tokio::spawn(delete);
+                tokio::time::sleep(head_start).await;
+                let s = tokio::spawn(start);
+                (s.await.expect("join"), d.await.expect("join"))
+            } else {
+                let s = tokio::spawn(start);
+                tokio::time::sleep(head_start).await;
+                let d = tokio::spawn(delete);
+                (s.await.expect("join"), d.await.expect("join"))
+            };
+            match (start, delete) {
+                (Err(e), Ok(())) => {
+                    assert!(
+                        matches!(e, SupervisorError::Store(StoreError::NotFound(_))),
+                        "round {round}: {e}"
+                    );
+                    assert!(!dir.exists(), "round {round}");
+                    let pid = scan_vmms().expect("scan").pid_of(&dir);
+                    assert_eq!(pid, None, "round {round}: a VMM runs for a deleted VM");
+                    deleted += 1;
+                }
+                (Ok(pid), Err(e)) => {
+                    let why = e.to_string();
+                    assert!(
+                        why.contains("is running") || why.contains("is starting"),
+                        "round {round}: {why}"
+                    );
+                    assert!(dir.join("vm.json").exists(), "round {round}: folder gone");
+                    let st = sup.status("vm").expect("status");
+                    assert_eq!((st.state, st.pid), (VmState::Running, Some(pid)));
+                    let st = sup.stop("vm").await.expect("stop");
+                    assert_eq!(st.state, VmState::Stopped);
+                    sup.delete("vm").await.expect("delete once stopped");
+                    ran += 1;
+                }
+                (start, delete) => {
+                    // Whatever runs goes before the test fails: it may have no handle left.
+                    if let Ok(pid) = &start {
+                        signal_pid(Some(*pid), libc::SIGTERM);
+                    }
+                    panic!(
+                        "round {round}: start {start:?}, delete {delete:?}, folder there: {}",
+                        dir.exists()
+                    );
+                }
+            }
+        }
+        assert!(deleted > 0 && ran > 0, "deleted {deleted}, ran {ran}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

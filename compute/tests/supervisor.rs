@@ -167,7 +167,7 @@ async fn stop_and_kill_a_running_guest() {
     assert!(exit.requested);
     assert_eq!(r.console("spin"), "up\nup\n");
     assert!(r.sup.kill("spin").await.is_err(), "nothing to kill");
-    r.sup.delete("spin").expect("delete");
+    r.sup.delete("spin").await.expect("delete");
     assert!(r.sup.store().get("spin").is_err());
 }
 
@@ -418,7 +418,7 @@ async fn a_torn_status_is_unknown_not_stopped_and_the_vm_can_still_go() {
     let list = r.sup.list().expect("list");
     assert!(list[0].1.is_err(), "{list:?}");
     // No VMM runs for it (no process has its --vm-dir): it can be deleted.
-    r.sup.delete("torn").expect("delete");
+    r.sup.delete("torn").await.expect("delete");
     assert!(!r.sup.store().exists("torn").expect("exists"));
 }
 
@@ -433,7 +433,7 @@ async fn a_vm_whose_definition_cannot_be_read_can_be_shown_and_deleted() {
         VmState::Stopped
     );
     assert!(r.sup.stop("broken").await.is_err(), "nothing to stop");
-    r.sup.delete("broken").expect("delete");
+    r.sup.delete("broken").await.expect("delete");
     assert!(r.sup.status("broken").is_err());
 }
 
@@ -477,7 +477,10 @@ async fn a_vmm_recorded_as_stopped_or_unreadably_is_adopted_and_not_doubled() {
     let other = fresh();
     let e = other.start("hidden").await.expect_err("second VMM");
     assert!(e.to_string().contains(&hidden.to_string()), "{e}");
-    assert!(other.delete("torn").is_err(), "deleted under a running VMM");
+    assert!(
+        other.delete("torn").await.is_err(),
+        "deleted under a running VMM"
+    );
 
     let again = fresh();
     let mut adopted = again.recover().await.expect("recover");

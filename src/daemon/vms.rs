@@ -24,7 +24,9 @@ use basalt_compute::definition::{DiskSource, VmDefinition};
 use basalt_compute::launch::{DiskEndpoint, NicEndpoint, VmmArgs};
 use basalt_compute::nbd::NbdAddress;
 use basalt_compute::store::{StoreError, VmEntry, VmState, VmStatus, VmStore};
-use basalt_compute::supervisor::{Launch, Resolver, Supervisor, SupervisorConfig, SupervisorError};
+use basalt_compute::supervisor::{
+    scan_vmms, Launch, Resolver, Supervisor, SupervisorConfig, SupervisorError, VmmScan,
+};
 use basalt_nbd::{Devices, ExportConfig, NbdConfig, NbdServer};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -90,9 +92,9 @@ impl From<SupervisorError> for ApiError {
     fn from(e: SupervisorError) -> Self {
         match e {
             SupervisorError::Store(s) => s.into(),
-            e @ (SupervisorError::AlreadyRunning(_) | SupervisorError::NotRunning(_)) => {
-                ApiError::Conflict(e.to_string())
-            }
+            e @ (SupervisorError::AlreadyRunning(_)
+            | SupervisorError::NotRunning(_)
+            | SupervisorError::Starting(_)) => ApiError::Conflict(e.to_string()),
             e @ (SupervisorError::Resolve { .. } | SupervisorError::Unsupervised { .. }) => {
                 ApiError::Conflict(e.to_string())
             }
@@ -350,20 +352,19 @@ impl Vms {
     /// `DELETE /vms/{name}`: a VM that is not running, with its folder (file disks
     /// included; LUNs are left alone).
     pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
-        // Supervisor::delete refuses an active VM, whether or not its files read.
-        if self.get(name).await?.status.state.is_active() {
-            return Err(StoreError::Running(name.to_string()).into());
-        }
-        // Its refusals (an unsupervised VMM found in /proc, say) come before the ports
-        // go: they are the network of a VMM that may still run. The ports need the
-        // definition, so they go before the folder does.
-        let sup = self.supervisor.clone();
-        let n = name.to_string();
-        blocking(move || Ok(sup.check_delete(&n)?)).await?;
-        self.release_ports(name).await;
-        let sup = self.supervisor.clone();
-        let n = name.to_string();
-        blocking(move || Ok(sup.delete(&n)?)).await?;
+        self.get(name).await?;
+        // The supervisor's refusals (running, starting, an unsupervised VMM found in
+        // /proc) come before the ports go: they are the network of a VMM that may still
+        // run. The ports need the definition, so they go before the folder does; no
+        // start of the VM can come in between.
+        let (sup, h, n) = (
+            self.supervisor.clone(),
+            self.handover.clone(),
+            name.to_string(),
+        );
+        self.supervisor
+            .delete_with(name, move || h.release_ports(&sup, Some(&n)))
+            .await?;
         self.restarts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -690,6 +691,101 @@ fn port_owner(
     unknown.map_or(PortOwner::Free, PortOwner::Unknown)
 }
 
+/// The switch calls [`release_stale_ports`] makes: the appliance's switches, or a
+/// stand-in in tests (a real switch needs a datapath).
+trait NicPorts {
+    /// Whether the running switch of port group `pg` has port `port`.
+    fn has_port(&self, pg: &str, port: &str) -> bool;
+    /// Takes port `port` off the switch of port group `pg`.
+    fn remove_port(&self, pg: &str, port: &str) -> Result<(), String>;
+}
+
+impl NicPorts for super::switches::Switches {
+    fn has_port(&self, pg: &str, port: &str) -> bool {
+        self.with_portgroup(pg)
+            .is_ok_and(|sw| sw.port(port).is_some())
+    }
+
+    fn remove_port(&self, pg: &str, port: &str) -> Result<(), String> {
+        let sw = self.with_portgroup(pg)?;
+        sw.remove_port(port).map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// Takes the NIC ports of VMs that do not run (all, or only `only`) off their switches;
+/// a port whose name another, active VM/NIC shares (or may share) is that one's and
+/// stays. The caller serializes this with the making of ports (`nic_lock`).
+///
+/// "Does not run" is the status (live, or as recorded) *and* the absence of a VMM
+/// process for the VM in `scan` (called once, and only if some port is there to go):
+/// a VMM that nobody supervises (one that could not be adopted, or started by hand)
+/// may run while `status.json` says stopped, and its ports are its network. When the
+/// scan fails, no port can be told stale, and all stay.
+fn release_stale_ports(
+    sup: &Supervisor,
+    ports: &impl NicPorts,
+    only: Option<&str>,
+    scan: impl Fn() -> Result<VmmScan, String>,
+) {
+    // Every VM, for the owner check: without the list no port can be told stale.
+    let entries = match sup.store().list() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the VMs to release their NIC ports");
+            return;
+        }
+    };
+    let mut scanned = None;
+    let defs = entries
+        .iter()
+        .filter(|e| only.is_none_or(|n| n == e.name))
+        .filter_map(|e| e.definition.as_ref().ok());
+    for def in defs {
+        if def.nics.is_empty() || sup.status(&def.name).map_or(true, |s| s.state.is_active()) {
+            continue;
+        }
+        for nic in &def.nics {
+            let port = vm_port_name(&def.name, &nic.id);
+            if !ports.has_port(&nic.port_group, &port) {
+                continue;
+            }
+            let found = match scanned.get_or_insert_with(&scan) {
+                Ok(found) => &*found,
+                Err(why) => {
+                    tracing::warn!(vm = %def.name, nic = %nic.id, %port, %why, "cannot tell whether a VMM runs for the VM, port kept");
+                    continue;
+                }
+            };
+            if let Some(pid) = found.pid_of(&sup.store().dir(&def.name)) {
+                tracing::warn!(vm = %def.name, nic = %nic.id, %port, pid, "a VMM the daemon does not supervise runs for the VM, port kept");
+                continue;
+            }
+            // Active as supervised or recorded, or with a VMM process all the same.
+            let active =
+                |n: &str| Ok(vm_active(sup, n)? || found.pid_of(&sup.store().dir(n)).is_some());
+            match port_owner(def, &nic.id, &port, &entries, vm_port_name, active) {
+                PortOwner::Free => {}
+                PortOwner::Other(who) => {
+                    tracing::debug!(vm = %def.name, nic = %nic.id, %port, %who, "port name shared, port kept");
+                    continue;
+                }
+                PortOwner::Unknown(why) => {
+                    tracing::warn!(vm = %def.name, nic = %nic.id, %port, %why, "cannot tell whose port this is, port kept");
+                    continue;
+                }
+            }
+            match ports.remove_port(&nic.port_group, &port) {
+                Ok(()) => {
+                    tracing::info!(vm = %def.name, nic = %nic.id, %port, "VM NIC port removed")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %def.name, %port, error = %e, "cannot remove a VM NIC port")
+                }
+            }
+        }
+    }
+}
+
 impl Handover {
     /// Re-exports, with the handle the storage has now, every export whose LUN handle
     /// changed (the pool was checked or re-imported: the old handle fails). The server
@@ -874,57 +970,12 @@ impl Handover {
     }
 
     /// Takes the NIC ports of VMs that do not run (all, or only `only`) off their
-    /// switches; a port whose name another, active VM/NIC shares (or may share) is that
-    /// one's and stays. Blocks (switch calls).
+    /// switches (see [`release_stale_ports`]). Blocks (switch calls, a /proc scan).
     fn release_ports(&self, sup: &Supervisor, only: Option<&str>) {
         let _serial = self.nic_lock.lock().unwrap_or_else(|p| p.into_inner());
-        // Every VM, for the owner check: without the list no port can be told stale.
-        let entries = match sup.store().list() {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list the VMs to release their NIC ports");
-                return;
-            }
-        };
-        let defs = entries
-            .iter()
-            .filter(|e| only.is_none_or(|n| n == e.name))
-            .filter_map(|e| e.definition.as_ref().ok());
-        for def in defs {
-            if def.nics.is_empty() || sup.status(&def.name).map_or(true, |s| s.state.is_active()) {
-                continue;
-            }
-            for nic in &def.nics {
-                let port = vm_port_name(&def.name, &nic.id);
-                let Ok(sw) = self.appliance.switches().with_portgroup(&nic.port_group) else {
-                    continue;
-                };
-                if sw.port(&port).is_none() {
-                    continue;
-                }
-                match port_owner(def, &nic.id, &port, &entries, vm_port_name, |n| {
-                    vm_active(sup, n)
-                }) {
-                    PortOwner::Free => {}
-                    PortOwner::Other(who) => {
-                        tracing::debug!(vm = %def.name, nic = %nic.id, %port, %who, "port name shared, port kept");
-                        continue;
-                    }
-                    PortOwner::Unknown(why) => {
-                        tracing::warn!(vm = %def.name, nic = %nic.id, %port, %why, "cannot tell whose port this is, port kept");
-                        continue;
-                    }
-                }
-                match sw.remove_port(&port) {
-                    Ok(_) => {
-                        tracing::info!(vm = %def.name, nic = %nic.id, %port, "VM NIC port removed")
-                    }
-                    Err(e) => {
-                        tracing::warn!(vm = %def.name, %port, error = %e, "cannot remove a VM NIC port")
-                    }
-                }
-            }
-        }
+        release_stale_ports(sup, self.appliance.switches(), only, || {
+            scan_vmms().map_err(|e| e.to_string())
+        });
     }
 
     fn resolve_inner(&self, def: &VmDefinition, dir: &Path) -> Result<Launch, String> {
@@ -1217,8 +1268,8 @@ mod tests {
         assert_eq!(check(), Ok(vec!["a".to_string()]));
     }
 
-    #[test]
-    fn a_vm_whose_definition_cannot_be_read_locks_nothing_out() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vm_whose_definition_cannot_be_read_locks_nothing_out() {
         let (_tmp, sup) = supervisor(&[def("a", &[("d", "p0/root", false)], &[])]);
         // Not UTF-8: reading it is an I/O error, not a parse error.
         std::fs::write(sup.store().dir("a").join("vm.json"), [0xff, 0xfe]).unwrap();
@@ -1230,7 +1281,7 @@ mod tests {
             active_users(list, Some("me"), |_| true, |n| vm_active(&sup, n)),
             Ok(vec![])
         );
-        sup.delete("a").unwrap();
+        sup.delete("a").await.unwrap();
         assert_eq!(vm_active(&sup, "a"), Ok(false));
     }
 
@@ -1324,6 +1375,84 @@ mod tests {
             ),
             PortOwner::Free
         );
+    }
+
+    /// Switch ports as (port group, port), without a datapath.
+    #[derive(Default)]
+    struct FakePorts(Mutex<std::collections::BTreeSet<(String, String)>>);
+
+    impl FakePorts {
+        fn has(&self, pg: &str, port: &str) -> bool {
+            self.0
+                .lock()
+                .unwrap()
+                .contains(&(pg.to_string(), port.to_string()))
+        }
+    }
+
+    impl NicPorts for FakePorts {
+        fn has_port(&self, pg: &str, port: &str) -> bool {
+            self.has(pg, port)
+        }
+
+        fn remove_port(&self, pg: &str, port: &str) -> Result<(), String> {
+            self.0
+                .lock()
+                .unwrap()
+                .remove(&(pg.to_string(), port.to_string()));
+            Ok(())
+        }
+    }
+
+    /// A stand-in VMM of `dir` that nobody supervises: a shell blocked reading its stdin
+    /// (it ends when that closes), with `--vm-dir dir` on its command line. Returned once
+    /// its command line is in place (it has printed).
+    fn unsupervised_vmm(dir: &Path) -> std::process::Child {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "echo ready; read x", "fake-vmm", "--vm-dir"])
+            .arg(dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
+        child
+    }
+
+    #[test]
+    fn the_janitor_keeps_the_ports_of_a_vm_whose_vmm_runs_unsupervised() {
+        let (_tmp, sup) = supervisor(&[def("a", &[], &["eth0"])]);
+        let port = vm_port_name("a", "eth0");
+        let ports = FakePorts::default();
+        ports.0.lock().unwrap().insert(("pg".into(), port.clone()));
+        let real_scan = || scan_vmms().map_err(|e| e.to_string());
+        let mut vmm = unsupervised_vmm(&sup.store().dir("a"));
+        // No handle, and recorded as stopped: only the process scan knows better.
+        assert_eq!(vm_active(&sup, "a"), Ok(false));
+        release_stale_ports(&sup, &ports, None, real_scan);
+        assert!(
+            ports.has("pg", &port),
+            "the port of a running VMM was taken"
+        );
+        release_stale_ports(&sup, &ports, Some("a"), real_scan);
+        assert!(
+            ports.has("pg", &port),
+            "the port of a running VMM was taken"
+        );
+
+        drop(vmm.stdin.take());
+        vmm.wait().unwrap();
+        // Fails closed: a scan that fails tells nothing, and the port stays.
+        release_stale_ports(&sup, &ports, None, || Err("/proc: I/O error".into()));
+        assert!(ports.has("pg", &port));
+        // Once the scan finds no VMM, the port is a leftover.
+        release_stale_ports(&sup, &ports, None, real_scan);
+        assert!(!ports.has("pg", &port));
     }
 
     #[test]
