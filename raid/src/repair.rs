@@ -262,30 +262,8 @@ impl Inner {
             if results.iter().all(Result::is_ok) {
                 return Ok(results.into_iter().flatten().collect());
             }
-            let mut known: HashMap<usize, Bytes> = HashMap::new();
-            let mut bad: Bad = Vec::new();
-            let mut retry = false;
-            for (&r, res) in roles.iter().zip(results) {
-                match res {
-                    Ok(b) => {
-                        known.insert(r, b);
-                    }
-                    Err(e) if is_medium_error(&e) => {
-                        if !bad.iter().any(|(x, _)| *x == r) {
-                            bad.push((r, e));
-                        }
-                    }
-                    Err(e) => {
-                        if let Some(m) = &view[r] {
-                            self.member_failed(r, m, &e).await;
-                        }
-                        retry = true;
-                    }
-                }
-            }
-            if retry {
-                return Err(Step::Retry);
-            }
+            let (good, bad) = self.sort_reads(view, roles, results).await?;
+            let known: HashMap<usize, Bytes> = good.into_iter().collect();
             let force = defers >= MAX_DEFERS;
             match self
                 .corrections
@@ -669,6 +647,40 @@ impl Inner {
         Ok(())
     }
 
+    /// Sorts the results of reading `roles` (in that order): the data read, by role, and
+    /// the medium errors (one per role). A member that failed outright is failed here,
+    /// and then the caller retries with the new view (`Step::Retry`).
+    async fn sort_reads(
+        &self,
+        view: &[Option<Arc<Member>>],
+        roles: &[usize],
+        results: Vec<Result<Bytes, BlockError>>,
+    ) -> Result<(Vec<(usize, Bytes)>, Bad), Step> {
+        let mut good = Vec::with_capacity(roles.len());
+        let mut bad: Bad = Vec::new();
+        let mut retry = false;
+        for (&r, res) in roles.iter().zip(results) {
+            match res {
+                Ok(b) => good.push((r, b)),
+                Err(e) if is_medium_error(&e) => {
+                    if !bad.iter().any(|(x, _)| *x == r) {
+                        bad.push((r, e));
+                    }
+                }
+                Err(e) => {
+                    if let Some(m) = &view[r] {
+                        self.member_failed(r, m, &e).await;
+                    }
+                    retry = true;
+                }
+            }
+        }
+        if retry {
+            return Err(Step::Retry);
+        }
+        Ok((good, bad))
+    }
+
     /// Reads stripes `[a, b)` of `roles` with one request per member; if one hits a
     /// medium error, goes stripe by stripe with [`Inner::read_rows`], which corrects
     /// what redundancy allows. A stripe whose rows can be neither read nor rebuilt ends
@@ -685,26 +697,9 @@ impl Inner {
         let len = (b - a) as usize * chunk;
         let off = self.data_off(a, 0);
         let results = join_all(roles.iter().map(|&r| self.read_raw(view, r, off, len))).await;
-        let mut out = Vec::with_capacity(roles.len());
-        let mut medium = false;
-        let mut retry = false;
-        for (&r, res) in roles.iter().zip(results) {
-            match res {
-                Ok(d) => out.push(d),
-                Err(e) if is_medium_error(&e) => medium = true,
-                Err(e) => {
-                    if let Some(m) = &view[r] {
-                        self.member_failed(r, m, &e).await;
-                    }
-                    retry = true;
-                }
-            }
-        }
-        if retry {
-            return Err(Step::Retry);
-        }
-        if !medium {
-            return Ok((out, None));
+        let (good, bad) = self.sort_reads(view, roles, results).await?;
+        if bad.is_empty() {
+            return Ok((good.into_iter().map(|(_, d)| d).collect(), None));
         }
         let mut bufs: Vec<AlignedBuf> = roles.iter().map(|_| AlignedBuf::zeroed(len)).collect();
         let mut stop = None;

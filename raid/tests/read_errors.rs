@@ -84,6 +84,48 @@ impl Fixture {
         self.data_offset + s * CHUNK + blk * 4096
     }
 
+    /// A bad sector, until rewritten, under the first row of stripe `s` on the member
+    /// that serves it: (that member, the row's array offset, its member offset, the
+    /// member's status before).
+    fn bad_sector_until_rewritten(&self, s: u64) -> (usize, u64, u64, basalt_raid::MemberStatus) {
+        let (victim, at) = self.reader(s, 0);
+        let off = self.member_off(s, 0);
+        self.fs[victim].add_rule(
+            ErrorRule::new(FaultOp::Read)
+                .range(off..off + 4096)
+                .until_rewritten(),
+        );
+        (victim, at, off, self.member(victim))
+    }
+
+    /// After reads of the 4 KiB at `at` met the bad sector: each returned the right
+    /// data, and the sector counted once (member errors, read error window,
+    /// corrections), the member still in sync. Then the array is checked and stopped.
+    async fn counted_once(
+        &self,
+        level: Level,
+        victim: usize,
+        before: &basalt_raid::MemberStatus,
+        at: u64,
+        reads: [&Bytes; 2],
+    ) {
+        let want = &self.data[at as usize..at as usize + 4096];
+        for (i, r) in reads.iter().enumerate() {
+            assert_eq!(diff(&r[..], want), None, "{level}: read {i}");
+        }
+        let m = self.member(victim);
+        assert_eq!(m.state, RoleState::InSync, "{level}");
+        assert_eq!(m.errors - before.errors, 1, "{level}: errors");
+        assert_eq!(
+            m.recent_read_errors - before.recent_read_errors,
+            1,
+            "{level}: read error window"
+        );
+        assert_eq!(m.read_errors_corrected, 1, "{level}: corrections");
+        self.check_all(&format!("{level}")).await;
+        self.a.stop().await.unwrap();
+    }
+
     fn member(&self, role: usize) -> basalt_raid::MemberStatus {
         self.a.status().members[role].clone()
     }
@@ -870,15 +912,7 @@ async fn dropped_read_keeps_the_stripe_locked_until_its_rewrite_is_done() {
 async fn concurrent_reads_of_a_bad_sector_count_it_once() {
     for level in [Level::Raid1, Level::Raid5] {
         let (f, subs) = submitted_fixture(level).await;
-        let s = 4;
-        let (victim, at) = f.reader(s, 0);
-        let off = f.member_off(s, 0);
-        f.fs[victim].add_rule(
-            ErrorRule::new(FaultOp::Read)
-                .range(off..off + 4096)
-                .until_rewritten(),
-        );
-        let before = f.member(victim);
+        let (victim, at, off, before) = f.bad_sector_until_rewritten(4);
         let mut held = subs[victim].hold_next_write(off..off + 4096);
         let read = || {
             let a = f.a.clone();
@@ -899,21 +933,8 @@ async fn concurrent_reads_of_a_bad_sector_count_it_once() {
         }
         .unwrap()
         .expect("second read");
-        let want = &f.data[at as usize..at as usize + 4096];
-        assert_eq!(diff(&r1[..], want), None, "{level}: first read");
-        assert_eq!(diff(&r2[..], want), None, "{level}: second read");
-        let m = f.member(victim);
-        assert_eq!(m.state, RoleState::InSync, "{level}");
-        assert_eq!(m.errors - before.errors, 1, "{level}: errors");
-        assert_eq!(
-            m.recent_read_errors - before.recent_read_errors,
-            1,
-            "{level}: read error window"
-        );
-        assert_eq!(m.read_errors_corrected, 1, "{level}: corrections");
         assert!(second_waited, "{level}: the second read did not wait");
-        f.check_all(&format!("{level}")).await;
-        f.a.stop().await.unwrap();
+        f.counted_once(level, victim, &before, at, [&r1, &r2]).await;
     }
 }
 
@@ -924,15 +945,7 @@ async fn concurrent_reads_of_a_bad_sector_count_it_once() {
 async fn a_read_failing_across_a_correction_does_not_count_it_again() {
     for level in [Level::Raid1, Level::Raid5] {
         let (f, subs) = submitted_fixture(level).await;
-        let s = 4;
-        let (victim, at) = f.reader(s, 0);
-        let off = f.member_off(s, 0);
-        f.fs[victim].add_rule(
-            ErrorRule::new(FaultOp::Read)
-                .range(off..off + 4096)
-                .until_rewritten(),
-        );
-        let before = f.member(victim);
+        let (victim, at, off, before) = f.bad_sector_until_rewritten(4);
         let mut held = subs[victim].hold_next_read(off..off + 4096);
         let late = {
             let a = f.a.clone();
@@ -946,18 +959,7 @@ async fn a_read_failing_across_a_correction_does_not_count_it_again() {
         assert_eq!(f.member(victim).read_errors_corrected, 1, "{level}");
         held.release.send(()).unwrap();
         let r2 = late.await.unwrap().expect("late read");
-        assert_eq!(diff(&r2[..], want), None, "{level}: late read");
-        let m = f.member(victim);
-        assert_eq!(m.state, RoleState::InSync, "{level}");
-        assert_eq!(m.errors - before.errors, 1, "{level}: errors");
-        assert_eq!(
-            m.recent_read_errors - before.recent_read_errors,
-            1,
-            "{level}: read error window"
-        );
-        assert_eq!(m.read_errors_corrected, 1, "{level}: corrections");
-        f.check_all(&format!("{level}")).await;
-        f.a.stop().await.unwrap();
+        f.counted_once(level, victim, &before, at, [&r1, &r2]).await;
     }
 }
 
