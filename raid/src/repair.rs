@@ -31,9 +31,11 @@
 //! that fails therefore claims (member, member byte range) for its correction; a read
 //! that then fails on rows overlapping a claim waits for that correction to end and
 //! reads again, counting nothing if the rows now read. A read whose failure may predate
-//! a correction that ended meanwhile (any correction finished while it was reading)
-//! reads again too, once, before claiming. After a few such passes (rows that stay
-//! unreadable under a stream of reads) a read corrects on its own, so none starves.
+//! a correction of the same rows that ended meanwhile (one finished while it was
+//! reading; the last 64 that ended are remembered, and a read older than all of them
+//! assumes so) reads again too before claiming. After a few such passes (rows that
+//! stay unreadable under a stream of reads) a read corrects on its own, so none
+//! starves.
 //! Only the rows a read itself failed on are claimed; a source member that fails while
 //! serving a correction is counted by that correction.
 
@@ -45,7 +47,7 @@ use crate::superblock::BLOCK;
 use basalt_blockdev::{AlignedBuf, BlockError, OwnedRangeGuard, WriteFlags};
 use bytes::Bytes;
 use futures_util::future::join_all;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -89,7 +91,15 @@ pub(crate) struct Corrections {
 struct Claims {
     next_id: u64,
     list: Vec<Claim>,
+    /// The last [`RECENT_ENDED`] corrections that ended: (member, rows, the value of
+    /// `ended` they left), so that a read's failure counts as stale only when a
+    /// correction of *its* rows ended while it read, not any correction on the array.
+    recent: VecDeque<(Arc<Member>, Range<u64>, u64)>,
 }
+
+/// How many ended corrections [`Claims::recent`] remembers; a read that started before
+/// the oldest of them cannot tell, and reads again.
+const RECENT_ENDED: usize = 64;
 
 struct Claim {
     id: u64,
@@ -103,7 +113,8 @@ struct Claim {
 enum Defer {
     /// Another correction of overlapping rows is in flight: wait for it to end.
     Wait(watch::Receiver<()>),
-    /// A correction ended while the read was reading: its failure may be old news.
+    /// A correction of the same rows ended while the read was reading: its failure may
+    /// be old news.
     Stale,
 }
 
@@ -122,7 +133,8 @@ impl Corrections {
     }
 
     /// Claims the rows `range` of each member of `bad` for a correction, unless another
-    /// claim overlaps them or a correction ended since `mark` (`force` claims anyway).
+    /// claim overlaps them or a correction of overlapping rows ended since `mark`
+    /// (`force` claims anyway).
     fn claim(
         self: &Arc<Self>,
         view: &[Option<Arc<Member>>],
@@ -144,7 +156,18 @@ impl Corrections {
                 }
             }
             if self.ended.load(Relaxed) != mark {
-                return Err(Defer::Stale);
+                let forgotten = c.recent.front().is_some_and(|(_, _, seq)| *seq > mark + 1);
+                let overlapped = c.recent.iter().any(|(m, rows, seq)| {
+                    *seq > mark
+                        && rows.start < range.end
+                        && range.start < rows.end
+                        && bad
+                            .iter()
+                            .any(|(r, _)| view[*r].as_ref().is_some_and(|b| Arc::ptr_eq(b, m)))
+                });
+                if forgotten || overlapped {
+                    return Err(Defer::Stale);
+                }
             }
         }
         c.next_id += 1;
@@ -173,8 +196,21 @@ impl Drop for Claimed {
             .claims
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        c.list.retain(|x| x.id != self.id);
-        self.owner.ended.fetch_add(1, Release);
+        let seq = self.owner.ended.fetch_add(1, Release) + 1;
+        let id = self.id;
+        let mut ended = Vec::new();
+        c.list.retain(|x| {
+            if x.id == id {
+                ended.push((x.member.clone(), x.range.clone(), seq));
+            }
+            x.id != id
+        });
+        for e in ended {
+            if c.recent.len() == RECENT_ENDED {
+                c.recent.pop_front();
+            }
+            c.recent.push_back(e);
+        }
     }
 }
 
@@ -273,13 +309,15 @@ impl Inner {
                 Err(Defer::Wait(mut rx)) => {
                     // Err once the other correction has ended: its claim is gone.
                     let _ = rx.changed().await;
-                    // It may have failed a member we read: start over with a new view.
+                    // It may have failed a member we read (a bad one, or one whose rows
+                    // we hold as good): start over with a new view.
                     let now = self.view(s);
-                    let same = |r: usize| match (&view[r], &now[r]) {
+                    let same = view.iter().zip(&now).all(|p| match p {
                         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
                         _ => false,
-                    };
-                    if !bad.iter().all(|(r, _)| same(*r)) {
+                    });
+                    if !same {
                         return Err(Step::Retry);
                     }
                 }

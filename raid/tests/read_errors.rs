@@ -963,6 +963,41 @@ async fn a_read_failing_across_a_correction_does_not_count_it_again() {
     }
 }
 
+/// A correction of *other* rows that ends while a read's failure is on its way back
+/// does not make that failure stale: the read corrects and counts its own bad sector
+/// (it is not read again, which here would succeed, the sector failing only once, and
+/// hide it). Two distinct bad sectors count twice.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_correction_of_other_rows_does_not_make_a_failure_stale() {
+    for level in [Level::Raid1, Level::Raid5] {
+        let (f, subs) = submitted_fixture(level).await;
+        let (victim, at) = f.reader(4, 0);
+        let off = f.member_off(4, 0);
+        f.fs[victim].add_rule(ErrorRule::new(FaultOp::Read).range(off..off + 4096).once());
+        let (other, other_at, _, _) = f.bad_sector_until_rewritten(6);
+        let errors = |f: &Fixture| (0..f.fs.len()).map(|r| f.member(r).errors).sum::<u64>();
+        let before = errors(&f);
+        let mut held = subs[victim].hold_next_read(off..off + 4096);
+        let late = {
+            let a = f.a.clone();
+            tokio::spawn(async move { a.read(at, 4096).await })
+        };
+        (&mut held.issued).await.unwrap();
+        let r1 = f.a.read(other_at, 4096).await.expect("other rows");
+        let want1 = &f.data[other_at as usize..other_at as usize + 4096];
+        assert_eq!(diff(&r1[..], want1), None, "{level}: other rows");
+        assert_eq!(f.member(other).read_errors_corrected, 1, "{level}");
+        held.release.send(()).unwrap();
+        let r2 = late.await.unwrap().expect("late read");
+        let want2 = &f.data[at as usize..at as usize + 4096];
+        assert_eq!(diff(&r2[..], want2), None, "{level}: late read");
+        assert_eq!(errors(&f) - before, 2, "{level}: two bad sectors");
+        assert_eq!(f.a.metrics().read_errors_corrected_total, 2, "{level}");
+        f.check_all(&format!("{level}")).await;
+        f.a.stop().await.unwrap();
+    }
+}
+
 /// A rebuild that meets rows unreadable on the only member that could supply them (RAID5
 /// with one member gone) stops there, as md does without a bad-block log: the member
 /// with the bad sector stays in, the array runs degraded, the rebuilt member stays out of
