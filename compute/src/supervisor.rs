@@ -783,11 +783,16 @@ impl Supervisor {
                 // Crashed is not active: a start() may have taken the VM over since (and
                 // spawned its own VMM, or be about to). Starting again only if not, and
                 // under the map lock, so that a later start() sees Starting (active) and
-                // refuses.
-                let resumed = self.update_if_current(&name, &handle, |s| {
-                    s.restarts += 1;
-                    s.state = VmState::Starting;
-                });
+                // refuses. Under the VM's hold too: a delete that checked while the VM
+                // was Crashed has finished (and dropped the handle, so this is `None`)
+                // or checks after this and finds it Starting.
+                let resumed = {
+                    let _hold = self.hold(&name).await;
+                    self.update_if_current(&name, &handle, |s| {
+                        s.restarts += 1;
+                        s.state = VmState::Starting;
+                    })
+                };
                 if resumed.is_none() {
                     return;
                 }

@@ -169,7 +169,8 @@ impl Vms {
                 // are exported again.
                 h.refresh_exports().await;
                 let (sup, h) = (sup.clone(), h.clone());
-                let _ = tokio::task::spawn_blocking(move || h.release_ports(&sup, None)).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || h.release_ports(&sup, None, false)).await;
             }
         });
         Ok(Arc::new(Vms {
@@ -346,7 +347,7 @@ impl Vms {
             self.handover.clone(),
             name.to_string(),
         );
-        let _ = tokio::task::spawn_blocking(move || h.release_ports(&sup, Some(&n))).await;
+        let _ = tokio::task::spawn_blocking(move || h.release_ports(&sup, Some(&n), false)).await;
     }
 
     /// `DELETE /vms/{name}`: a VM that is not running, with its folder (file disks
@@ -363,7 +364,7 @@ impl Vms {
             name.to_string(),
         );
         self.supervisor
-            .delete_with(name, move || h.release_ports(&sup, Some(&n)))
+            .delete_with(name, move || h.release_ports(&sup, Some(&n), true))
             .await?;
         self.restarts
             .lock()
@@ -717,7 +718,7 @@ impl NicPorts for super::switches::Switches {
 /// stays. The caller serializes this with the making of ports (`nic_lock`).
 ///
 /// "Does not run" is the status (live, or as recorded) *and* the absence of a VMM
-/// process for the VM in `scan` (called once, and only if some port is there to go):
+/// process for the VM in `scan` (asked once, and only if some port is there to go):
 /// a VMM that nobody supervises (one that could not be adopted, or started by hand)
 /// may run while `status.json` says stopped, and its ports are its network. When the
 /// scan fails, no port can be told stale, and all stay.
@@ -971,11 +972,21 @@ impl Handover {
 
     /// Takes the NIC ports of VMs that do not run (all, or only `only`) off their
     /// switches (see [`release_stale_ports`]). Blocks (switch calls, a /proc scan).
-    fn release_ports(&self, sup: &Supervisor, only: Option<&str>) {
+    /// `deleting`: a delete's check, under the VM's hold, has just found no VMM for
+    /// `only`; then a failing scan does not keep its ports, which would outlive the VM's
+    /// folder where no later pass looks for them.
+    fn release_ports(&self, sup: &Supervisor, only: Option<&str>, deleting: bool) {
+        // Before `nic_lock`: the scan reads every process's command line and can wait on
+        // one stuck in the kernel, and starts wait for `nic_lock` to make their ports. A
+        // VMM that appears after the scan is one a start launched (it shows as Starting,
+        // so active) or one started by hand in that instant.
+        let scan = match scan_vmms() {
+            Ok(found) => Ok(found),
+            Err(_) if deleting => Ok(VmmScan::default()),
+            Err(e) => Err(e.to_string()),
+        };
         let _serial = self.nic_lock.lock().unwrap_or_else(|p| p.into_inner());
-        release_stale_ports(sup, self.appliance.switches(), only, || {
-            scan_vmms().map_err(|e| e.to_string())
-        });
+        release_stale_ports(sup, self.appliance.switches(), only, || scan.clone());
     }
 
     fn resolve_inner(&self, def: &VmDefinition, dir: &Path) -> Result<Launch, String> {
