@@ -543,8 +543,12 @@ impl Session {
             self.chunk(out, reply_flags::DONE, reply_type::NONE, handle, 0);
             return;
         }
-        // The request's length (at most MAX_PAYLOAD) bounds the range's.
-        let len = u32::try_from(8 + range.len()).unwrap_or(u32::MAX);
+        // A request's length (at most MAX_PAYLOAD) bounds the range's; a range that
+        // does not fit a chunk's length field gets an error, never a wrong header.
+        let Ok(len) = u32::try_from(8 + range.len()) else {
+            self.reply_error(out, handle, NbdErrno::Overflow, "read reply too large");
+            return;
+        };
         self.chunk(out, reply_flags::DONE, reply_type::OFFSET_DATA, handle, len);
         out.put_u64(offset);
         out.put_file(range);
@@ -950,6 +954,34 @@ mod tests {
         // Unaligned requests pass when the client did not agree to block sizes.
         let d = decode_one(&s, req(cmd::READ, 0, 3, 5));
         assert_eq!(errno_of(&d), None);
+    }
+
+    #[test]
+    fn a_file_range_too_large_for_a_chunk_gets_an_error_not_a_wrong_header() {
+        #[derive(Debug)]
+        struct Huge(std::fs::File);
+        impl FileRange for Huge {
+            fn file(&self) -> &std::fs::File {
+                &self.0
+            }
+            fn offset(&self) -> u64 {
+                0
+            }
+            fn len(&self) -> u64 {
+                u64::from(u32::MAX)
+            }
+        }
+        let s = Session::new(&neg(1 << 20, true, false, false, false));
+        let mut out = Output::new();
+        let file = tempfile::tempfile().unwrap();
+        s.reply_read_file(&mut out, 9, 0, Box::new(Huge(file)));
+        match &parse_replies(&out.take().unwrap(), true)[..] {
+            [Reply::Chunk { kind, payload, .. }] => {
+                assert_eq!(*kind, reply_type::ERROR);
+                assert_eq!(&payload[..4], &75u32.to_be_bytes());
+            }
+            r => panic!("{r:?}"),
+        }
     }
 
     #[test]
