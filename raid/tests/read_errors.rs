@@ -84,6 +84,26 @@ impl Fixture {
         self.data_offset + s * CHUNK + blk * 4096
     }
 
+    /// After a write of `new` at array offset `at` raced a repair of member `victim`
+    /// (member offset `off`): the array reads it back, and the repaired member holds it.
+    async fn newer_data_everywhere(
+        &self,
+        level: Level,
+        victim: usize,
+        at: u64,
+        off: u64,
+        new: &[u8],
+    ) {
+        let back = self.a.read(at, 4096).await.unwrap();
+        assert_eq!(diff(&back[..], new), None, "{level}: read after the write");
+        let raw = self.fs[victim].read(off, 4096).await.unwrap();
+        assert_eq!(
+            diff(&raw[..], new),
+            None,
+            "{level}: the repaired member holds the new data"
+        );
+    }
+
     /// A bad sector, until rewritten, under the first row of stripe `s` on the member
     /// that serves it: (that member, the row's array offset, its member offset, the
     /// member's status before).
@@ -555,17 +575,7 @@ async fn concurrent_write_during_repair_keeps_the_newer_data() {
         );
         assert_eq!(f.member(victim).read_errors_corrected, 1, "{level}");
         // The newer data is on the member that was repaired, and everywhere else.
-        assert_eq!(
-            diff(&f.a.read(at, 4096).await.unwrap()[..], &new[..]),
-            None,
-            "{level}"
-        );
-        let raw = f.fs[victim].read(off, 4096).await.unwrap();
-        assert_eq!(
-            diff(&raw[..], &new[..]),
-            None,
-            "{level}: repaired member holds the new data"
-        );
+        f.newer_data_everywhere(level, victim, at, off, &new).await;
         let rep = f.scrub().await;
         assert_eq!(rep.mismatches, 0, "{level}: {rep:?}");
         assert!(f.all_in_sync());
@@ -874,17 +884,7 @@ async fn dropped_read_keeps_the_stripe_locked_until_its_rewrite_is_done() {
         }
 
         // The newer data is what reads back, and what the repaired member holds.
-        assert_eq!(
-            diff(&f.a.read(at, 4096).await.unwrap()[..], &new[..]),
-            None,
-            "{level}: read after the write"
-        );
-        let raw = f.fs[victim].read(off, 4096).await.unwrap();
-        assert_eq!(
-            diff(&raw[..], &new[..]),
-            None,
-            "{level}: the repaired member holds the new data"
-        );
+        f.newer_data_everywhere(level, victim, at, off, &new).await;
         assert!(
             !wrote_early,
             "{level}: the write went through while the rewrite was in flight"
