@@ -12,15 +12,14 @@
 use basalt_blockdev::{
     conformance,
     fault::{ErrorRule, FaultOp},
-    BlockDev, BlockError, CompareOutcome, FaultDev, Geometry, MemDev, SharedBlockDev, WriteFlags,
-    ZeroFlags,
+    BlockDev, BlockError, FaultDev, IoKind, MemDev, Metered, SharedBlockDev, WriteFlags,
 };
 use basalt_compute::nbd::{NbdAddress, NbdDev, NbdOptions};
 use basalt_nbd::{Devices, ExportConfig, NbdConfig, NbdServer};
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -832,64 +831,12 @@ async fn a_server_that_drops_every_connection_after_the_handshake_fails_requests
     proxy.abort();
 }
 
-/// A device that counts the flushes it is asked for.
-struct CountingFlushes {
-    inner: Arc<MemDev>,
-    flushes: AtomicU64,
-}
-
-#[async_trait::async_trait]
-impl BlockDev for CountingFlushes {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-    async fn read(&self, offset: u64, len: usize) -> basalt_blockdev::Result<Bytes> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        flags: WriteFlags,
-    ) -> basalt_blockdev::Result<()> {
-        self.inner.write(offset, data, flags).await
-    }
-    async fn flush(&self) -> basalt_blockdev::Result<()> {
-        self.flushes.fetch_add(1, Ordering::SeqCst);
-        self.inner.flush().await
-    }
-    async fn discard(&self, offset: u64, len: u64) -> basalt_blockdev::Result<()> {
-        self.inner.discard(offset, len).await
-    }
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        flags: ZeroFlags,
-    ) -> basalt_blockdev::Result<()> {
-        self.inner.write_zeroes(offset, len, flags).await
-    }
-    async fn compare_and_write(
-        &self,
-        offset: u64,
-        compare: Bytes,
-        data: Bytes,
-        flags: WriteFlags,
-    ) -> basalt_blockdev::Result<CompareOutcome> {
-        self.inner
-            .compare_and_write(offset, compare, data, flags)
-            .await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discards_count_toward_the_replay_limit() {
     let tmp = tempfile::tempdir().expect("tmp");
     let sock = tmp.path().join("vm-nbd.sock");
-    let lun = Arc::new(CountingFlushes {
-        inner: Arc::new(MemDev::new(1024, 4096)),
-        flushes: AtomicU64::new(0),
-    });
+    // Metered counts the flushes the server passes down.
+    let lun = Arc::new(Metered::new(MemDev::new(1024, 4096)));
     let _server = basalt_server(lun.clone(), &sock).await;
     let uri = format!("nbd+unix:///lun0?socket={}", sock.display());
     let dev = NbdDev::connect_with(
@@ -908,7 +855,7 @@ async fn discards_count_toward_the_replay_limit() {
         dev.discard(i * 4096, 4096).await.expect("discard");
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while lun.flushes.load(Ordering::SeqCst) == 0 {
+    while lun.stats().snapshot().kind(IoKind::Flush).ops == 0 {
         assert!(
             Instant::now() < deadline,
             "64 unflushed discards and no flush: the replay log is unbounded"
