@@ -537,13 +537,7 @@ async fn concurrent_write_during_repair_keeps_the_newer_data() {
     for level in [Level::Raid1, Level::Raid5] {
         let f = fixture(level).await;
         let s = 4;
-        let (victim, at) = f.reader(s, 0);
-        let off = f.member_off(s, 0);
-        f.fs[victim].add_rule(
-            ErrorRule::new(FaultOp::Read)
-                .range(off..off + 4096)
-                .until_rewritten(),
-        );
+        let (victim, at, off, _) = f.bad_sector_until_rewritten(s);
         // Slow every other member's reads: the reconstruction takes 300 ms, and the
         // write comes in meanwhile.
         for (r, d) in f.fs.iter().enumerate() {
@@ -849,13 +843,8 @@ async fn dropped_read_keeps_the_stripe_locked_until_its_rewrite_is_done() {
         let (f, subs) = submitted_fixture(level).await;
 
         let s = 4;
-        let (victim, at) = f.reader(s, 0);
-        let off = f.member_off(s, 0);
-        f.fs[victim].add_rule(
-            ErrorRule::new(FaultOp::Read)
-                .range(off..off + 4096)
-                .until_rewritten(),
-        );
+
+        let (victim, at, off, _) = f.bad_sector_until_rewritten(s);
         let mut held = subs[victim].hold_next_write(off..off + 4096);
         // The read meets the bad sector, rebuilds the rows and issues the rewrite; it is
         // dropped there.
